@@ -1,0 +1,1 @@
+"""The wire contract between Switchboard services: event models and topic names."""

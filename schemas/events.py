@@ -1,0 +1,158 @@
+"""The events of one goal's life, and the discriminated union used to decode them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from schemas.envelope import Envelope
+from schemas.plan import Plan
+
+MAX_TEXT = 64_000
+
+
+class GoalSubmitted(Envelope):
+    event_type: Literal["goal.submitted"] = "goal.submitted"
+    text: str = Field(min_length=1, max_length=8_000)
+    submitted_by: str = "cli"
+
+
+class GoalPlanned(Envelope):
+    event_type: Literal["goal.planned"] = "goal.planned"
+    plan: Plan
+    model: str
+    prompt_version: str
+
+
+class GoalCompleted(Envelope):
+    event_type: Literal["goal.completed"] = "goal.completed"
+    answer: str = Field(max_length=MAX_TEXT)
+    task_results: dict[str, str] = Field(default_factory=dict)
+
+
+class GoalFailed(Envelope):
+    event_type: Literal["goal.failed"] = "goal.failed"
+    reason: str
+    detail: str = ""
+
+
+class TaskAssigned(Envelope):
+    event_type: Literal["task.assigned"] = "task.assigned"
+    kind: str
+    instruction: str = Field(max_length=8_000)
+    goal_text: str = Field(max_length=8_000)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    """Results of the tasks this one depends on, by planned task id."""
+
+
+class TaskCompleted(Envelope):
+    event_type: Literal["task.completed"] = "task.completed"
+    kind: str
+    result: str = Field(max_length=MAX_TEXT)
+    steps: int
+
+
+class TaskFailed(Envelope):
+    event_type: Literal["task.failed"] = "task.failed"
+    kind: str
+    reason: str
+    detail: str = ""
+
+
+class ToolCallRequested(Envelope):
+    event_type: Literal["tool.requested"] = "tool.requested"
+    call_id: str
+    step_id: str
+    tool: str
+    arguments: dict[str, Any]
+    agent_kind: str
+    reply_to: str
+
+
+class ToolCallCompleted(Envelope):
+    event_type: Literal["tool.completed"] = "tool.completed"
+    call_id: str
+    step_id: str
+    tool: str
+    ok: bool
+    output: str = Field(max_length=MAX_TEXT)
+    error: str | None = None
+    replayed: bool = False
+    """True when the idempotency store answered and the tool did not run again."""
+
+
+class MemoryHit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_id: str
+    kind: str
+    text: str
+    score: float
+    source_goal: str | None = None
+
+
+class MemoryRecallRequested(Envelope):
+    event_type: Literal["memory.recall_requested"] = "memory.recall_requested"
+    request_id: str
+    query: str = Field(max_length=8_000)
+    k: int = Field(default=3, ge=1, le=50)
+    reply_to: str
+
+
+class MemoryRecallCompleted(Envelope):
+    event_type: Literal["memory.recall_completed"] = "memory.recall_completed"
+    request_id: str
+    hits: list[MemoryHit]
+
+
+class LLMCallRecorded(Envelope):
+    event_type: Literal["llm.call_recorded"] = "llm.call_recorded"
+    purpose: Literal["plan", "step", "answer"]
+    agent: str
+    model: str
+    prompt_version: str
+    prompt_hash: str
+    messages: list[dict[str, Any]]
+    response: dict[str, Any]
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    latency_ms: float
+    step_id: str | None = None
+    instance: str
+    """Which replica made the call (host:pid)."""
+
+
+Event = Annotated[
+    GoalSubmitted
+    | GoalPlanned
+    | GoalCompleted
+    | GoalFailed
+    | TaskAssigned
+    | TaskCompleted
+    | TaskFailed
+    | ToolCallRequested
+    | ToolCallCompleted
+    | MemoryRecallRequested
+    | MemoryRecallCompleted
+    | LLMCallRecorded,
+    Field(discriminator="event_type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+EVENT_TYPES: frozenset[str] = frozenset(
+    cls.model_fields["event_type"].default
+    for cls in (
+        GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed,
+        TaskAssigned, TaskCompleted, TaskFailed,
+        ToolCallRequested, ToolCallCompleted,
+        MemoryRecallRequested, MemoryRecallCompleted, LLMCallRecorded,
+    )
+)
+
+
+def decode_event(raw: bytes) -> Event:
+    """Parse one event from the wire. Raises ValueError (bad JSON) or ValidationError."""
+    return EVENT_ADAPTER.validate_json(raw)

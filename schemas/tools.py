@@ -1,0 +1,78 @@
+"""Tool contracts: each tool's name, argument model and where it executes.
+
+Agents validate a model's tool call against these before anything is sent, and the
+executors validate again on receipt. Implementations live in the executing service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ToolArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalculatorArgs(ToolArgs):
+    expression: str = Field(min_length=1, max_length=200, description="Arithmetic, e.g. (2+3)*4^2")
+
+
+class KnowledgeSearchArgs(ToolArgs):
+    query: str = Field(min_length=1, max_length=1_000)
+    k: int = Field(default=3, ge=1, le=10)
+
+
+class HttpGetArgs(ToolArgs):
+    url: str = Field(min_length=1, max_length=2_000, pattern=r"^https?://")
+
+
+class SaveNoteArgs(ToolArgs):
+    title: str = Field(min_length=1, max_length=200)
+    body: str = Field(min_length=1, max_length=20_000)
+
+
+Executor = Literal["tools", "memory"]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    args: type[ToolArgs]
+    executor: Executor = "tools"
+    side_effect: bool = False
+
+    def openai_schema(self) -> dict[str, Any]:
+        """The function-calling schema a model sees."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.args.model_json_schema(),
+            },
+        }
+
+
+TOOL_SPECS: dict[str, ToolSpec] = {
+    spec.name: spec
+    for spec in (
+        ToolSpec("calculator", "Evaluate an arithmetic expression exactly.", CalculatorArgs),
+        ToolSpec(
+            "kb_search",
+            "Search the tenant's knowledge base (semantic memory) for facts.",
+            KnowledgeSearchArgs,
+            executor="memory",
+        ),
+        ToolSpec("http_get", "Fetch a URL from an allowlisted host.", HttpGetArgs),
+        ToolSpec(
+            "save_note",
+            "Save a note (title and body) to the sandbox. Has a side effect.",
+            SaveNoteArgs,
+            side_effect=True,
+        ),
+    )
+}

@@ -1,0 +1,1 @@
+"""Episodic memory in Redis and semantic memory in Qdrant, behind narrow interfaces."""

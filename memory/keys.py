@@ -1,0 +1,25 @@
+"""Redis key names, namespaced by deployment namespace and tenant, built in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    namespace: str
+
+    def _tenant(self, tenant: str) -> str:
+        return f"sb:{self.namespace}:t:{tenant}"
+
+    def goal_state(self, tenant: str, goal_id: str) -> str:
+        return f"{self._tenant(tenant)}:goal:{goal_id}:state"
+
+    def goal_stream(self, tenant: str, goal_id: str) -> str:
+        return f"{self._tenant(tenant)}:goal:{goal_id}:events"
+
+    def task_checkpoint(self, tenant: str, task_id: str) -> str:
+        return f"{self._tenant(tenant)}:task:{task_id}:checkpoint"
+
+    def idempotency(self, tenant: str, digest: str) -> str:
+        return f"{self._tenant(tenant)}:idem:{digest}"

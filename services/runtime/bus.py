@@ -1,0 +1,55 @@
+"""What a transport hands the pipeline (Delivery) and what a handler hands back (Outgoing)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schemas.envelope import Envelope
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One consumed message, as it came off the topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, str]
+    timestamp_ms: int
+    group: str
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An event a handler wants produced, before its input is committed."""
+
+    topic: str
+    event: Envelope
+    key: str
+
+
+Handler = Callable[[Envelope, Delivery], Awaitable[list[Outgoing]]]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A consumer group's interest: topics, and the handler for each event type."""
+
+    group: str
+    topics: tuple[str, ...]
+    handlers: Mapping[type[Envelope], Handler] = field(default_factory=dict)
+    fallback: Handler | None = None
+    """Handles every event type not in `handlers` (observers such as the recorder)."""
+
+    def handler_for(self, event: Envelope) -> Handler | None:
+        return self.handlers.get(type(event), self.fallback)
+
+
+class Producer(Protocol):
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]
+    ) -> None: ...

@@ -1,0 +1,61 @@
+"""Agent kinds declared as data: a name, a system prompt, a model and the tools it may call."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas.tools import TOOL_SPECS
+from services.runtime.errors import ConfigurationError
+
+PACKAGED_KINDS = Path(__file__).resolve().parents[1] / "agents" / "kinds"
+PACKAGED_PROMPTS = Path(__file__).resolve().parents[1] / "agents" / "prompts"
+
+
+class AgentKind(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9_-]+$")
+    description: str
+    prompt: str
+    model: str = "offline/default"
+    tools: tuple[str, ...] = ()
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tools(cls, tools: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(tools) - set(TOOL_SPECS))
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; known tools are {sorted(TOOL_SPECS)}")
+        return tools
+
+
+class AgentCatalogue:
+    def __init__(self, kinds: dict[str, AgentKind]) -> None:
+        if not kinds:
+            raise ConfigurationError("the agent catalogue is empty")
+        self.kinds = kinds
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> AgentCatalogue:
+        directory = directory or PACKAGED_KINDS
+        kinds: dict[str, AgentKind] = {}
+        for path in sorted(directory.glob("*.toml")):
+            try:
+                kind = AgentKind.model_validate(tomllib.loads(path.read_text()))
+            except (ValidationError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigurationError(f"invalid agent definition {path}: {exc}") from exc
+            kinds[kind.name] = kind
+        return cls(kinds)
+
+    def get(self, name: str) -> AgentKind:
+        try:
+            return self.kinds[name]
+        except KeyError:
+            raise ConfigurationError(f"unknown agent kind {name!r}; known kinds: {sorted(self.kinds)}") from None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.kinds))

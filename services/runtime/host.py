@@ -1,0 +1,187 @@
+"""Runs services: on Kafka as one FastStream app, or embedded on the in-process bus.
+
+Both ways build the same Runtime and the same services and feed every message through the same
+MessagePipeline; only the transport differs. Services are named, and imported by name here,
+so no service imports another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import fakeredis
+from faststream import FastStream
+from redis.asyncio import Redis
+
+from memory.keys import RedisKeys
+from schemas.topics import Topics
+from services.runtime.bus import Subscription
+from services.runtime.catalogue import AgentCatalogue
+from services.runtime.errors import ConfigurationError
+from services.runtime.inprocess_bus import InProcessBus
+from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker, subscribe
+from services.runtime.llm import LLMGateway
+from services.runtime.offline_model import Script
+from services.runtime.pipeline import MessagePipeline, RetryPolicy
+from services.runtime.settings import (
+    KafkaSettings,
+    LLMSettings,
+    PlatformSettings,
+    QdrantSettings,
+    RedisSettings,
+)
+
+log = logging.getLogger("switchboard.host")
+
+SERVICE_MODULES = {
+    "orchestrator": "services.orchestrator.app",
+    "agent": "services.agents.app",
+    "tools": "services.tools.app",
+    "memory": "services.memory_service.app",
+}
+
+
+@dataclass
+class Settings:
+    """The shared settings, built once per process and passed down."""
+
+    platform: PlatformSettings = field(default_factory=PlatformSettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    qdrant: QdrantSettings = field(default_factory=QdrantSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+
+
+@dataclass
+class Runtime:
+    """Clients and facts every service may use. Created and closed by the host."""
+
+    settings: Settings
+    topics: Topics
+    keys: RedisKeys
+    catalogue: AgentCatalogue
+    redis: Redis
+    script: Script | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    _llm: LLMGateway | None = None
+
+    @property
+    def llm(self) -> LLMGateway:
+        if self._llm is None:
+            models = {k.model for k in self.catalogue.kinds.values()}
+            self._llm = LLMGateway(
+                self.settings.llm, models, self.settings.platform.instance, script=self.script
+            )
+        return self._llm
+
+    @property
+    def embedded(self) -> bool:
+        return self.settings.redis.url is None
+
+    def group(self, name: str) -> str:
+        return f"{self.settings.platform.namespace}.{name}"
+
+
+class ServiceApp(Protocol):
+    subscriptions: list[Subscription]
+
+    async def close(self) -> None: ...
+
+
+ServiceFactory = Callable[..., Awaitable[ServiceApp]]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Which service to run, with its options (e.g. the agent kind)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def factory(self) -> ServiceFactory:
+        module_name = SERVICE_MODULES.get(self.name)
+        if module_name is None:
+            raise ConfigurationError(f"unknown service {self.name!r}; known: {sorted(SERVICE_MODULES)}")
+        factory: ServiceFactory = importlib.import_module(module_name).open_service
+        return factory
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, script: Script | None = None) -> AsyncIterator[Runtime]:
+    catalogue = AgentCatalogue.load(settings.platform.agents_dir)
+    if settings.redis.url:
+        redis: Redis = Redis.from_url(settings.redis.url)
+    else:
+        redis = fakeredis.FakeAsyncRedis()
+    runtime = Runtime(
+        settings=settings,
+        topics=Topics(settings.platform.namespace, catalogue.names),
+        keys=RedisKeys(settings.platform.namespace),
+        catalogue=catalogue,
+        redis=redis,
+        script=script,
+    )
+    try:
+        yield runtime
+    finally:
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def open_services(runtime: Runtime, specs: list[ServiceSpec]) -> AsyncIterator[list[ServiceApp]]:
+    async with AsyncExitStack() as stack:
+        apps: list[ServiceApp] = []
+        for spec in specs:
+            app = await spec.factory()(runtime, **spec.options)
+            stack.push_async_callback(app.close)
+            apps.append(app)
+        yield apps
+
+
+@asynccontextmanager
+async def run_embedded(
+    specs: list[ServiceSpec], settings: Settings, script: Script | None = None
+) -> AsyncIterator[tuple[InProcessBus, Runtime]]:
+    """Every service in this process, on the in-process bus and in-process stores."""
+    if settings.redis.url or settings.kafka.bootstrap_servers:
+        log.info("embedded run: ignoring KAFKA_BOOTSTRAP_SERVERS/REDIS_URL")
+    settings.redis = RedisSettings(url=None)
+    bus = InProcessBus()
+    async with open_runtime(settings, script) as runtime, open_services(runtime, specs) as apps:
+        for app in apps:
+            for sub in app.subscriptions:
+                bus.subscribe(MessagePipeline(sub, bus, runtime.retry))
+        try:
+            yield bus, runtime
+        finally:
+            await bus.close()
+
+
+def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | None = None) -> FastStream:
+    """One FastStream app running the given services on Kafka, each in its own consumer group."""
+    if not settings.redis.url:
+        raise ConfigurationError(
+            "REDIS_URL is not set. Services on Kafka keep their state in Redis: start it with "
+            "`make infra-up` and export REDIS_URL=redis://127.0.0.1:6379/0."
+        )
+    broker = make_broker(settings.kafka, client_id=f"switchboard-{'-'.join(s.name for s in specs)}")
+    producer = KafkaProducer(broker)
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            runtime = await stack.enter_async_context(open_runtime(settings, script))
+            await ensure_topics(settings.kafka, runtime.topics.all_topics(), settings.platform.partitions)
+            apps = await stack.enter_async_context(open_services(runtime, specs))
+            for app in apps:
+                for sub in app.subscriptions:
+                    subscribe(broker, MessagePipeline(sub, producer, runtime.retry), settings.kafka)
+            log.info("serving %s on %s", [s.name for s in specs], settings.kafka.bootstrap_servers)
+            yield
+
+    return FastStream(broker, lifespan=lifespan, logger=logging.getLogger("switchboard.app"))

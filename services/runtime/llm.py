@@ -1,0 +1,159 @@
+"""The LLM gateway: every model call goes through here, via LiteLLM, and is recorded as an event.
+
+LiteLLM's own retries are off; the platform's retry path owns retries. The offline model is
+registered as a LiteLLM custom provider, so it takes the same path as a real model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import litellm
+from litellm import Router
+
+from schemas.envelope import Envelope
+from schemas.events import LLMCallRecorded
+from services.runtime.errors import ConfigurationError, Retryable
+from services.runtime.offline_model import PROVIDER, OfflineModel, Script, load_script
+from services.runtime.prompts import Prompt
+from services.runtime.settings import LLMSettings
+
+log = logging.getLogger("switchboard.llm")
+
+_TRANSIENT = (
+    litellm.exceptions.RateLimitError,
+    litellm.exceptions.APIConnectionError,
+    litellm.exceptions.Timeout,
+    litellm.exceptions.ServiceUnavailableError,
+    litellm.exceptions.InternalServerError,
+    litellm.exceptions.APIError,
+)
+
+
+@dataclass(frozen=True)
+class ModelToolCall:
+    call_index: int
+    name: str
+    raw_arguments: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    content: str | None
+    tool_calls: list[ModelToolCall]
+    assistant_message: dict[str, Any]
+    record: LLMCallRecorded
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_offline(model: str) -> bool:
+    return model.split("/", 1)[0] == PROVIDER
+
+
+class LLMGateway:
+    allow_real_models: ClassVar[bool] = True
+    """Tests set this to False so that any real provider call fails loudly."""
+
+    def __init__(
+        self,
+        settings: LLMSettings,
+        models: set[str],
+        instance: str,
+        script: Script | None = None,
+    ) -> None:
+        self.settings = settings
+        self.instance = instance
+        if script is None and settings.offline_script:
+            script = load_script(settings.offline_script)
+        self.offline = OfflineModel(latency_ms=settings.offline_latency_ms, script=script)
+        # LiteLLM keeps providers in a module-level list; replace ours rather than append.
+        litellm.custom_provider_map = [
+            item for item in litellm.custom_provider_map if item.get("provider") != PROVIDER
+        ] + [{"provider": PROVIDER, "custom_handler": self.offline}]
+        litellm.suppress_debug_info = True
+        all_models = set(models) | {settings.default_model}
+        for chain in settings.fallbacks:
+            for primary, backups in chain.items():
+                all_models |= {primary, *backups}
+        self.router = Router(
+            model_list=[{"model_name": m, "litellm_params": {"model": m}} for m in sorted(all_models)],
+            fallbacks=settings.fallbacks or [],
+            num_retries=0,
+            timeout=settings.timeout_s,
+        )
+
+    async def complete(
+        self,
+        *,
+        model: str,
+        prompt: Prompt,
+        messages: list[dict[str, Any]],
+        purpose: Literal["plan", "step", "answer"],
+        agent: str,
+        cause: Envelope,
+        tools: list[dict[str, Any]] | None = None,
+        json_mode: bool = False,
+        step_id: str | None = None,
+    ) -> Completion:
+        if not _is_offline(model) and not self.allow_real_models:
+            raise ConfigurationError(f"real model calls are disabled here; {model!r} was asked for")
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "metadata": {"goal_id": cause.goal_id, "task_id": cause.task_id, "tenant": cause.tenant},
+            "timeout": self.settings.timeout_s,
+        }
+        if tools:
+            kwargs["tools"] = tools
+        if json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+        started = time.perf_counter()
+        try:
+            response = await self.router.acompletion(**kwargs)
+        except _TRANSIENT as exc:
+            raise Retryable(f"model {model} failed: {exc}") from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        choice = response.choices[0].message
+        tool_calls = [
+            ModelToolCall(i, tc.function.name or "", tc.function.arguments or "{}")
+            for i, tc in enumerate(choice.tool_calls or [])
+        ]
+        assistant: dict[str, Any] = {"role": "assistant", "content": choice.content}
+        if choice.tool_calls:
+            assistant["tool_calls"] = [
+                {"id": tc.id, "type": "function",
+                 "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                for tc in choice.tool_calls
+            ]
+        usage = getattr(response, "usage", None)
+        record = LLMCallRecorded(
+            **cause.caused(),
+            purpose=purpose,
+            agent=agent,
+            model=model,
+            prompt_version=f"{prompt.name}.{prompt.version}",
+            prompt_hash=prompt.digest,
+            messages=messages,
+            response=assistant,
+            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            cost_usd=self._cost(model, response),
+            latency_ms=round(latency_ms, 3),
+            step_id=step_id,
+            instance=self.instance,
+        )
+        return Completion(choice.content, tool_calls, assistant, record)
+
+    @staticmethod
+    def _cost(model: str, response: Any) -> float:
+        if _is_offline(model):
+            return 0.0
+        try:
+            return float(litellm.completion_cost(completion_response=response, model=model))
+        except (litellm.exceptions.BadRequestError, litellm.exceptions.NotFoundError, ValueError) as exc:
+            log.warning("no price known for %s; recording cost 0 (%s)", model, exc)
+            return 0.0
+

@@ -1,0 +1,90 @@
+"""Settings shared by every service, read from the environment (and a .env file) in one place."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.runtime.errors import ConfigurationError
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore")
+
+
+class PlatformSettings(BaseSettings):
+    model_config = _config("SWITCHBOARD_")
+
+    namespace: str = Field(default="sb", pattern=r"^[A-Za-z0-9_-]+$")
+    tenant: str = "default"
+    partitions: int = Field(default=3, ge=1)
+    data_dir: Path = Path(".switchboard")
+    agents_dir: Path | None = None
+    """Directory of agent kind definitions; defaults to the packaged services/agents/kinds."""
+    log_level: str = "INFO"
+    instance: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+class KafkaSettings(BaseSettings):
+    model_config = _config("KAFKA_")
+
+    bootstrap_servers: str | None = None
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 2_000
+    replication_factor: int = 1
+
+    def require(self) -> str:
+        if not self.bootstrap_servers:
+            raise ConfigurationError(
+                "KAFKA_BOOTSTRAP_SERVERS is not set. Start local Kafka with `make infra-up` "
+                "and export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092, or use `switchboard run` "
+                "for the embedded mode."
+            )
+        return self.bootstrap_servers
+
+
+class RedisSettings(BaseSettings):
+    model_config = _config("REDIS_")
+
+    url: str | None = None
+    """None means an in-process store (embedded mode only)."""
+
+
+class QdrantSettings(BaseSettings):
+    model_config = _config("QDRANT_")
+
+    url: str | None = None
+    """A Qdrant server. When unset, local mode on `path` is used (one process per path)."""
+    path: str | None = None
+    """Local-mode directory; defaults to <data_dir>/qdrant. ':memory:' keeps it in process."""
+    api_key: str | None = None
+
+
+class LLMSettings(BaseSettings):
+    model_config = _config("LLM_")
+
+    default_model: str = "offline/default"
+    timeout_s: float = 60.0
+    fallbacks: Annotated[list[dict[str, list[str]]], NoDecode] = Field(default_factory=list)
+    """LiteLLM Router fallbacks, as JSON: [{"gpt-4o": ["claude-3-5-sonnet"]}]."""
+    offline_latency_ms: float = Field(default=0.0, ge=0)
+    """Simulated latency of the offline model, for realistic slow calls without a provider."""
+    offline_script: str | None = None
+    """`module:function` that decides each offline turn (the scripted form of the offline model)."""
+    embedding_model: str | None = None
+    """A LiteLLM embedding model; unset means the offline hashing embedder."""
+    embedding_dim: int = 1536
+    """Vector size of `embedding_model` (the hashing embedder uses 384)."""
+
+    @field_validator("fallbacks", mode="before")
+    @classmethod
+    def _parse_fallbacks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value

@@ -1,0 +1,69 @@
+"""Agent wiring: one consumer group per agent kind, on that kind's inbox topic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memory.state import VersionedStore
+from schemas.envelope import Envelope
+from schemas.events import MemoryRecallCompleted, TaskAssigned, ToolCallCompleted
+from services.agents import logic
+from services.agents.settings import AgentSettings
+from services.runtime.bus import Delivery, Outgoing, Subscription
+from services.runtime.catalogue import PACKAGED_PROMPTS
+from services.runtime.host import Runtime
+from services.runtime.idempotency import StepLedger
+from services.runtime.prompts import PromptLibrary
+
+
+@dataclass
+class AgentApp:
+    subscriptions: list[Subscription] = field(default_factory=list)
+
+    async def close(self) -> None:
+        return None
+
+
+async def open_service(runtime: Runtime, kind: str | None = None, model: str | None = None, **_: Any) -> AgentApp:
+    settings = AgentSettings()
+    agent_kind = runtime.catalogue.get(kind or settings.kind)
+    deps = logic.AgentDeps(
+        kind=agent_kind,
+        model=model or settings.model or agent_kind.model,
+        prompt=PromptLibrary(PACKAGED_PROMPTS).latest(agent_kind.prompt),
+        llm=runtime.llm,
+        ledger=StepLedger(VersionedStore(runtime.redis, logic.TaskCheckpoint, settings.checkpoint_ttl_s)),
+        keys=runtime.keys,
+        topics=runtime.topics,
+        max_steps=settings.max_steps,
+        max_invalid_outputs=settings.max_invalid_outputs,
+        recall_k=settings.recall_k,
+        tool_output_chars=settings.tool_output_chars,
+    )
+
+    async def on_assigned(event: Envelope, _: Delivery) -> list[Outgoing]:
+        assert isinstance(event, TaskAssigned)
+        return await logic.start_task(deps, event)
+
+    async def on_memories(event: Envelope, _: Delivery) -> list[Outgoing]:
+        assert isinstance(event, MemoryRecallCompleted)
+        return await logic.resume_with_memories(deps, event)
+
+    async def on_tool_result(event: Envelope, _: Delivery) -> list[Outgoing]:
+        assert isinstance(event, ToolCallCompleted)
+        return await logic.resume_with_tool_result(deps, event)
+
+    return AgentApp(
+        [
+            Subscription(
+                group=runtime.group(f"agent.{agent_kind.name}"),
+                topics=(runtime.topics.agent(agent_kind.name),),
+                handlers={
+                    TaskAssigned: on_assigned,
+                    MemoryRecallCompleted: on_memories,
+                    ToolCallCompleted: on_tool_result,
+                },
+            )
+        ]
+    )

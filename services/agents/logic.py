@@ -1,0 +1,211 @@
+"""One agent step per event: recall memory, call the model, validate its tool calls, or finish.
+
+The reasoning loop's state is a TaskCheckpoint in Redis; nothing is kept in process memory, so
+any replica can continue any task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from memory.keys import RedisKeys
+from schemas.events import (
+    MemoryHit,
+    MemoryRecallCompleted,
+    MemoryRecallRequested,
+    TaskAssigned,
+    TaskCompleted,
+    TaskFailed,
+    ToolCallCompleted,
+    ToolCallRequested,
+)
+from schemas.tools import TOOL_SPECS
+from schemas.topics import Topics
+from services.runtime.bus import Outgoing
+from services.runtime.catalogue import AgentKind
+from services.runtime.idempotency import Ledgered, StepLedger
+from services.runtime.llm import LLMGateway, ModelToolCall
+from services.runtime.prompts import Prompt
+
+
+class PendingCall(BaseModel):
+    call_id: str
+    model_call_id: str
+    tool: str
+    result: str | None = None
+
+
+class TaskCheckpoint(Ledgered):
+    assignment: TaskAssigned
+    status: Literal["recalling", "waiting_tools", "done", "failed"] = "recalling"
+    step: int = 0
+    messages: list[dict[str, Any]] = []
+    pending: list[PendingCall] = []
+    invalid_outputs: int = 0
+
+
+@dataclass(frozen=True)
+class AgentDeps:
+    kind: AgentKind
+    model: str
+    prompt: Prompt
+    llm: LLMGateway
+    ledger: StepLedger[TaskCheckpoint]
+    keys: RedisKeys
+    topics: Topics
+    max_steps: int
+    max_invalid_outputs: int
+    recall_k: int
+    tool_output_chars: int
+
+
+@dataclass(frozen=True)
+class ValidatedCall:
+    call: ModelToolCall
+    arguments: dict[str, Any]
+
+
+def untrusted(source: str, body: str, limit: int) -> str:
+    """Data from tools or memory reaches the model delimited, size-limited and marked untrusted."""
+    clipped = body if len(body) <= limit else body[:limit] + "\n[truncated]"
+    return f'<untrusted source="{source}">\n<tool_output>\n{clipped}\n</tool_output>\n</untrusted>'
+
+
+def task_message(assignment: TaskAssigned, hits: list[MemoryHit], limit: int) -> dict[str, Any]:
+    parts = [f"Task: {assignment.instruction}", f"Goal: {assignment.goal_text}"]
+    if assignment.inputs:
+        lines = "\n".join(f"[{dep}] {result}" for dep, result in assignment.inputs.items())
+        parts.append(f"<inputs>\n{lines}\n</inputs>")
+    if hits:
+        lines = "\n".join(f"- ({h.kind}) {h.text}" for h in hits)
+        parts.append(f'<untrusted source="memory">\n{lines[:limit]}\n</untrusted>')
+    return {"role": "user", "content": "\n".join(parts)}
+
+
+def validate_call(kind: AgentKind, call: ModelToolCall) -> ValidatedCall | str:
+    """The validated call, or an error message for the model."""
+    if call.name not in kind.tools:
+        return f"tool {call.name!r} is not allowed for agent kind {kind.name!r}; allowed: {list(kind.tools)}"
+    spec = TOOL_SPECS[call.name]
+    try:
+        raw = json.loads(call.raw_arguments or "{}")
+        args = spec.args.model_validate(raw)
+    except (ValueError, ValidationError) as exc:
+        return f"invalid arguments for {call.name}: {exc}"
+    return ValidatedCall(call, args.model_dump(mode="json"))
+
+
+def checkpoint_key(deps: AgentDeps, assignment: TaskAssigned) -> str:
+    assert assignment.task_id is not None
+    return deps.keys.task_checkpoint(assignment.tenant, assignment.task_id)
+
+
+async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
+    async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
+        if cp is not None:
+            return None, []  # already started under another assignment event
+        cp = TaskCheckpoint(assignment=event)
+        if deps.recall_k == 0:
+            cp.messages = [task_message(event, [], deps.tool_output_chars)]
+            return cp, await think(deps, cp, event)
+        request = MemoryRecallRequested(
+            **event.caused(), request_id=f"{event.task_id}:recall", query=event.instruction,
+            k=deps.recall_k, reply_to=deps.topics.agent(deps.kind.name),
+        )
+        return cp, [Outgoing(deps.topics.memory, request, event.task_id or "")]
+
+    return await deps.ledger.apply(checkpoint_key(deps, event), event.event_id, step)
+
+
+async def resume_with_memories(deps: AgentDeps, event: MemoryRecallCompleted) -> list[Outgoing]:
+    async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
+        if cp is None or cp.status != "recalling" or event.request_id != f"{event.task_id}:recall":
+            return None, []  # stale or duplicate
+        cp = cp.model_copy(deep=True)
+        cp.messages = [task_message(cp.assignment, event.hits, deps.tool_output_chars)]
+        return cp, await think(deps, cp, event)
+
+    key = deps.keys.task_checkpoint(event.tenant, event.task_id or "")
+    return await deps.ledger.apply(key, event.event_id, step)
+
+
+async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> list[Outgoing]:
+    async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
+        if cp is None or cp.status != "waiting_tools":
+            return None, []
+        cp = cp.model_copy(deep=True)
+        pending = next((p for p in cp.pending if p.call_id == event.call_id and p.result is None), None)
+        if pending is None:
+            return None, []  # a duplicate result, or one for an earlier step
+        body = event.output if event.ok else f"ERROR: {event.error}"
+        pending.result = untrusted(f"tool:{event.tool}", body, deps.tool_output_chars)
+        if any(p.result is None for p in cp.pending):
+            return cp, []
+        cp.messages += [
+            {"role": "tool", "tool_call_id": p.model_call_id, "content": p.result} for p in cp.pending
+        ]
+        cp.pending = []
+        return cp, await think(deps, cp, event)
+
+    key = deps.keys.task_checkpoint(event.tenant, event.task_id or "")
+    return await deps.ledger.apply(key, event.event_id, step)
+
+
+async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoing]:
+    """Call the model until it asks for valid tools or answers. Mutates `cp`; returns outputs."""
+    task = cp.assignment
+    task_id = task.task_id or ""
+    outputs: list[Outgoing] = []
+    tools = [TOOL_SPECS[name].openai_schema() for name in deps.kind.tools]
+    while True:
+        if cp.step >= deps.max_steps:
+            return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]
+        step_id = f"{task_id}:{cp.step}"
+        completion = await deps.llm.complete(
+            model=deps.model, prompt=deps.prompt,
+            messages=[{"role": "system", "content": deps.prompt.text}, *cp.messages],
+            purpose="step", agent=deps.kind.name, cause=cause, tools=tools or None, step_id=step_id,
+        )
+        outputs.append(Outgoing(deps.topics.llm_calls, completion.record, task.goal_id))
+        cp.step += 1
+        cp.messages.append(completion.assistant_message)
+        if not completion.tool_calls:
+            cp.status = "done"
+            done = TaskCompleted(**cause.caused(), kind=deps.kind.name, result=completion.content or "", steps=cp.step)
+            return outputs + [Outgoing(deps.topics.goals, done, task.goal_id)]
+        checked = [validate_call(deps.kind, c) for c in completion.tool_calls]
+        errors = [c for c in checked if isinstance(c, str)]
+        if errors:
+            # Invalid output is a counted, bounded retry: the model sees what was wrong.
+            cp.invalid_outputs += 1
+            if cp.invalid_outputs > deps.max_invalid_outputs:
+                return outputs + [fail(deps, cp, cause, "invalid_output", "; ".join(errors))]
+            for call, result in zip(completion.tool_calls, checked, strict=True):
+                content = result if isinstance(result, str) else "not run: another call in this turn was invalid"
+                model_id = completion.assistant_message["tool_calls"][call.call_index]["id"]
+                cp.messages.append({"role": "tool", "tool_call_id": model_id, "content": content})
+            continue
+        valid = [c for c in checked if not isinstance(c, str)]
+        cp.status = "waiting_tools"
+        cp.pending = []
+        for v in valid:
+            call_id = f"{step_id}:{v.call.call_index}"
+            model_id = completion.assistant_message["tool_calls"][v.call.call_index]["id"]
+            cp.pending.append(PendingCall(call_id=call_id, model_call_id=model_id, tool=v.call.name))
+            request = ToolCallRequested(
+                **cause.caused(task_id=task_id), call_id=call_id, step_id=step_id, tool=v.call.name,
+                arguments=v.arguments, agent_kind=deps.kind.name, reply_to=deps.topics.agent(deps.kind.name),
+            )
+            topic = deps.topics.memory if TOOL_SPECS[v.call.name].executor == "memory" else deps.topics.tools
+            outputs.append(Outgoing(topic, request, task_id))
+        return outputs
+
+
+def fail(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, reason: str, detail: str) -> Outgoing:
+    cp.status = "failed"
+    failed = TaskFailed(**cause.caused(task_id=cp.assignment.task_id), kind=deps.kind.name, reason=reason, detail=detail)
+    return Outgoing(deps.topics.goals, failed, cp.assignment.goal_id)

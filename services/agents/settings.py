@@ -1,0 +1,18 @@
+"""Agent settings (env prefix AGENT_)."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENT_", env_file=".env", extra="ignore")
+
+    kind: str = "researcher"
+    model: str | None = None
+    """Overrides the kind's model (any LiteLLM model string)."""
+    max_steps: int = Field(default=8, ge=1)
+    """Model calls one task may make before it fails (a coarse guard until goal budgets exist)."""
+    max_invalid_outputs: int = Field(default=2, ge=0)
+    recall_k: int = Field(default=3, ge=0, le=50)
+    tool_output_chars: int = Field(default=4_000, ge=100)
+    checkpoint_ttl_s: int = 7 * 86_400

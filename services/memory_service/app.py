@@ -1,0 +1,91 @@
+"""Memory service wiring: answers recalls and kb_search on the memory topic; records every goal topic.
+
+Qdrant local mode (a path) allows one process per path, so this service owns it; other services
+reach memory through events. Set QDRANT_URL to share a Qdrant server between replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdrant_client import AsyncQdrantClient
+
+from memory.embeddings import Embedder, HashingEmbedder, LiteLLMEmbedder
+from memory.semantic import SemanticMemory
+from memory.timeline import GoalTimeline
+from schemas.envelope import Envelope
+from schemas.events import MemoryRecallRequested, ToolCallRequested
+from services.memory_service import logic
+from services.memory_service.settings import MemorySettings
+from services.runtime.bus import Delivery, Outgoing, Subscription
+from services.runtime.host import Runtime
+
+SEED = Path(__file__).resolve().parents[2] / "memory" / "seed" / "knowledge.jsonl"
+
+
+@dataclass
+class MemoryApp:
+    client: AsyncQdrantClient
+    subscriptions: list[Subscription] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _qdrant(runtime: Runtime) -> tuple[AsyncQdrantClient, bool]:
+    qdrant = runtime.settings.qdrant
+    if qdrant.url:
+        return AsyncQdrantClient(url=qdrant.url, api_key=qdrant.api_key), False
+    path = qdrant.path or str(runtime.settings.platform.data_dir / "qdrant")
+    if path == ":memory:":
+        return AsyncQdrantClient(location=":memory:"), True
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return AsyncQdrantClient(path=path), True
+
+
+def _embedder(runtime: Runtime) -> Embedder:
+    llm = runtime.settings.llm
+    if llm.embedding_model:
+        return LiteLLMEmbedder(llm.embedding_model, llm.embedding_dim)
+    return HashingEmbedder()
+
+
+async def open_service(runtime: Runtime, **_: Any) -> MemoryApp:
+    settings = MemorySettings()
+    client, local = _qdrant(runtime)
+    semantic = SemanticMemory(client, _embedder(runtime), runtime.settings.platform.namespace, local)
+    await semantic.ensure_collection()
+    seed = settings.seed_file or SEED
+    if seed.exists() and settings.seed_tenants:
+        await semantic.remember(logic.seed_records(seed, settings.seed_tenants))
+    deps = logic.MemoryDeps(
+        semantic=semantic,
+        timeline=GoalTimeline(runtime.redis, runtime.keys, settings.stream_maxlen, settings.stream_ttl_s),
+        min_score=settings.min_score,
+    )
+
+    async def on_recall(event: Envelope, _: Delivery) -> list[Outgoing]:
+        assert isinstance(event, MemoryRecallRequested)
+        return await logic.recall(deps, event)
+
+    async def on_kb_search(event: Envelope, _: Delivery) -> list[Outgoing]:
+        assert isinstance(event, ToolCallRequested)
+        return await logic.search_knowledge(deps, event)
+
+    async def on_any(event: Envelope, _: Delivery) -> list[Outgoing]:
+        return await logic.record(deps, event)
+
+    topics = runtime.topics
+    return MemoryApp(
+        client,
+        [
+            Subscription(
+                group=runtime.group("memory"),
+                topics=(topics.memory,),
+                handlers={MemoryRecallRequested: on_recall, ToolCallRequested: on_kb_search},
+            ),
+            Subscription(group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on_any),
+        ],
+    )

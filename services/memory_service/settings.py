@@ -1,0 +1,26 @@
+"""Memory service settings (env prefix MEMORY_)."""
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class MemorySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMORY_", env_file=".env", extra="ignore")
+
+    stream_maxlen: int = Field(default=10_000, ge=100)
+    stream_ttl_s: int = Field(default=7 * 86_400, ge=60)
+    min_score: float = Field(default=0.15, ge=-1.0, le=1.0)
+    """Relevance threshold (cosine similarity) below which a memory is not recalled."""
+    seed_file: Path | None = None
+    """JSON lines of {id, text} facts loaded into the knowledge base at start-up; defaults to memory/seed."""
+    seed_tenants: Annotated[tuple[str, ...], NoDecode] = ("default",)
+
+    @field_validator("seed_tenants", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value

@@ -1,0 +1,213 @@
+"""Orchestrator decisions: plan a goal, dispatch ready tasks, gather results into the final answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from memory.keys import RedisKeys
+from schemas.events import (
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalSubmitted,
+    TaskAssigned,
+    TaskCompleted,
+    TaskFailed,
+)
+from schemas.plan import Plan, PlannedTask
+from schemas.topics import Topics
+from services.runtime.bus import Outgoing
+from services.runtime.catalogue import AgentCatalogue
+from services.runtime.idempotency import Ledgered, StepLedger
+from services.runtime.llm import LLMGateway
+from services.runtime.prompts import Prompt
+
+
+class TaskRecord(BaseModel):
+    planned: PlannedTask
+    task_id: str
+    status: Literal["pending", "assigned", "completed", "failed"] = "pending"
+    result: str | None = None
+
+
+class GoalState(Ledgered):
+    goal: GoalSubmitted
+    status: Literal["running", "completed", "failed"] = "running"
+    plan: Plan | None = None
+    tasks: dict[str, TaskRecord] = {}
+
+
+@dataclass(frozen=True)
+class OrchestratorDeps:
+    llm: LLMGateway
+    ledger: StepLedger[GoalState]
+    keys: RedisKeys
+    topics: Topics
+    catalogue: AgentCatalogue
+    planner: Prompt
+    editor: Prompt
+    model: str
+    max_plan_attempts: int
+
+
+def task_id_for(goal_id: str, planned_id: str) -> str:
+    return f"{goal_id}.{planned_id}"
+
+
+def ready_tasks(state: GoalState) -> list[TaskRecord]:
+    """Pending tasks whose dependencies have all completed, in plan order."""
+    done = {pid for pid, t in state.tasks.items() if t.status == "completed"}
+    return [
+        t for t in state.tasks.values()
+        if t.status == "pending" and set(t.planned.depends_on) <= done
+    ]
+
+
+def sink_tasks(plan: Plan) -> list[PlannedTask]:
+    """Tasks no other task depends on: their results make up the answer."""
+    needed = {d for t in plan.tasks for d in t.depends_on}
+    return [t for t in plan.tasks if t.id not in needed]
+
+
+def planner_messages(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[dict[str, Any]]:
+    kinds = "\n".join(f"- {k.name}: {k.description}" for k in deps.catalogue.kinds.values())
+    return [
+        {"role": "system", "content": f"{deps.planner.text.rstrip()}\n{kinds}\n"},
+        {"role": "user", "content": goal.text},
+    ]
+
+
+def parse_plan(content: str | None, kinds: set[str]) -> Plan:
+    """Raises ValueError (including pydantic's ValidationError) with a message the model can act on."""
+    plan = Plan.model_validate_json(content or "")
+    plan.check_kinds(kinds)
+    return plan
+
+
+def assign(state: GoalState, record: TaskRecord, topics: Topics, cause: Any) -> Outgoing:
+    record.status = "assigned"
+    inputs = {
+        dep: state.tasks[dep].result or "" for dep in record.planned.depends_on
+    }
+    event = TaskAssigned(
+        **cause.caused(task_id=record.task_id),
+        kind=record.planned.kind,
+        instruction=record.planned.instruction,
+        goal_text=state.goal.text,
+        inputs=inputs,
+    )
+    return Outgoing(topics.agent(record.planned.kind), event, record.task_id)
+
+
+async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoing]:
+    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is not None:
+            return None, []  # planned already under another event id
+        outputs: list[Outgoing] = []
+        messages = planner_messages(deps, goal)
+        error = ""
+        for _ in range(deps.max_plan_attempts):
+            completion = await deps.llm.complete(
+                model=deps.model, prompt=deps.planner, messages=messages, purpose="plan",
+                agent="orchestrator", cause=goal, json_mode=True,
+            )
+            outputs.append(Outgoing(deps.topics.llm_calls, completion.record, goal.goal_id))
+            try:
+                plan = parse_plan(completion.content, set(deps.catalogue.names))
+            except (ValidationError, ValueError) as exc:
+                error = str(exc)
+                messages = messages + [
+                    completion.assistant_message,
+                    {"role": "user", "content": f"That plan is invalid: {error}\nReply with a corrected plan."},
+                ]
+                continue
+            state = GoalState(
+                goal=goal,
+                plan=plan,
+                tasks={
+                    t.id: TaskRecord(planned=t, task_id=task_id_for(goal.goal_id, t.id)) for t in plan.tasks
+                },
+            )
+            outputs.append(
+                Outgoing(
+                    deps.topics.progress,
+                    GoalPlanned(
+                        **goal.caused(), plan=plan, model=deps.model,
+                        prompt_version=f"{deps.planner.name}.{deps.planner.version}",
+                    ),
+                    goal.goal_id,
+                )
+            )
+            outputs += [assign(state, t, deps.topics, goal) for t in ready_tasks(state)]
+            return state, outputs
+        failed = GoalState(goal=goal, status="failed")
+        outputs.append(
+            Outgoing(
+                deps.topics.progress,
+                GoalFailed(**goal.caused(), reason="invalid_plan",
+                           detail=f"no valid plan after {deps.max_plan_attempts} attempts: {error}"),
+                goal.goal_id,
+            )
+        )
+        return failed, outputs
+
+    return await deps.ledger.apply(deps.keys.goal_state(goal.tenant, goal.goal_id), goal.event_id, step)
+
+
+async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | TaskFailed) -> list[Outgoing]:
+    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is None or state.status != "running":
+            return None, []  # unknown goal, or it ended already: nothing to do
+        record = next((t for t in state.tasks.values() if t.task_id == event.task_id), None)
+        if record is None or record.status in ("completed", "failed"):
+            return None, []
+        state = state.model_copy(deep=True)
+        record = next(t for t in state.tasks.values() if t.task_id == event.task_id)
+        if isinstance(event, TaskFailed):
+            record.status = "failed"
+            state.status = "failed"
+            failed = GoalFailed(
+                **event.caused(task_id=None), reason=f"task_failed:{event.reason}",
+                detail=f"task {record.planned.id} ({event.kind}) failed: {event.detail}",
+            )
+            return state, [Outgoing(deps.topics.progress, failed, state.goal.goal_id)]
+        record.status = "completed"
+        record.result = event.result
+        outputs = [assign(state, t, deps.topics, event) for t in ready_tasks(state)]
+        if all(t.status == "completed" for t in state.tasks.values()):
+            outputs += await finish(deps, state, event)
+        return state, outputs
+
+    key = deps.keys.goal_state(event.tenant, event.goal_id)
+    return await deps.ledger.apply(key, event.event_id, step)
+
+
+async def finish(deps: OrchestratorDeps, state: GoalState, cause: TaskCompleted) -> list[Outgoing]:
+    assert state.plan is not None
+    sinks = sink_tasks(state.plan)
+    if len(sinks) == 1:
+        results = state.tasks[sinks[0].id].result or ""
+    else:
+        results = "\n".join(f"- {t.id}: {state.tasks[t.id].result}" for t in sinks)
+    messages = [
+        {"role": "system", "content": deps.editor.text},
+        {"role": "user", "content": f"Goal: {state.goal.text}\n<results>\n{results}\n</results>"},
+    ]
+    origin = cause.model_copy(update={"task_id": None})
+    completion = await deps.llm.complete(
+        model=deps.model, prompt=deps.editor, messages=messages, purpose="answer",
+        agent="orchestrator", cause=origin,
+    )
+    state.status = "completed"
+    done = GoalCompleted(
+        **origin.caused(),
+        answer=completion.content or results,
+        task_results={pid: t.result or "" for pid, t in state.tasks.items()},
+    )
+    return [
+        Outgoing(deps.topics.llm_calls, completion.record, state.goal.goal_id),
+        Outgoing(deps.topics.progress, done, state.goal.goal_id),
+    ]

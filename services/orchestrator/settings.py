@@ -1,0 +1,13 @@
+"""Orchestrator settings (env prefix ORCHESTRATOR_)."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", env_file=".env", extra="ignore")
+
+    model: str | None = None
+    """Model for planning and the final answer; defaults to LLM_DEFAULT_MODEL."""
+    max_plan_attempts: int = Field(default=3, ge=1)
+    state_ttl_s: int = 7 * 86_400

@@ -1,0 +1,1 @@
+"""Tool executors: run typed tools on request, with timeouts and idempotent side effects."""

@@ -1,0 +1,1 @@
+"""The `switchboard` command: run goals, serve roles, submit and follow goals."""

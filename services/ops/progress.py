@@ -1,0 +1,102 @@
+"""Shows a goal's events as they happen: the plan, tasks, memory recalls, tool calls and the answer."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from schemas.envelope import Envelope
+from schemas.events import (
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalSubmitted,
+    LLMCallRecorded,
+    MemoryRecallCompleted,
+    MemoryRecallRequested,
+    TaskAssigned,
+    TaskCompleted,
+    TaskFailed,
+    ToolCallCompleted,
+    ToolCallRequested,
+)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    flat = " ".join(text.split())
+    return escape(flat if len(flat) <= limit else flat[: limit - 1] + "…")
+
+
+def _task(event: Envelope) -> str:
+    return escape((event.task_id or "").rsplit(".", 1)[-1])
+
+
+class ProgressView:
+    def __init__(self, console: Console, goal_id: str) -> None:
+        self.console = console
+        self.goal_id = goal_id
+        self.seen: set[str] = set()
+        self.outcome: GoalCompleted | GoalFailed | None = None
+        self.llm_calls = 0
+        self.tokens = 0
+
+    def show(self, event: Envelope) -> None:
+        if event.goal_id != self.goal_id or event.event_id in self.seen:
+            return
+        self.seen.add(event.event_id)
+        line = self._line(event)
+        if line:
+            self.console.print(line)
+        if isinstance(event, GoalCompleted | GoalFailed):
+            self.outcome = event
+            self._finish(event)
+
+    def _line(self, event: Envelope) -> str | Table | None:
+        match event:
+            case GoalSubmitted():
+                return f"[bold]goal[/] {escape(event.goal_id)} submitted: {_short(event.text)}"
+            case GoalPlanned():
+                table = Table(title=f"plan ({escape(event.prompt_version)}, {escape(event.model)})", title_justify="left")
+                for column in ("task", "agent", "instruction", "after"):
+                    table.add_column(column)
+                for t in event.plan.tasks:
+                    table.add_row(t.id, t.kind, _short(t.instruction, 70), ", ".join(t.depends_on) or "-")
+                return table
+            case TaskAssigned():
+                return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]"
+            case MemoryRecallRequested():
+                return f"  [magenta]memory[/] {_task(event)} recalls: {_short(event.query, 60)}"
+            case MemoryRecallCompleted():
+                found = "; ".join(_short(h.text, 50) for h in event.hits[:2]) or "nothing relevant"
+                return f"  [magenta]memory[/] {_task(event)} ← {len(event.hits)} memories: {found}"
+            case LLMCallRecorded():
+                self.llm_calls += 1
+                self.tokens += event.input_tokens + event.output_tokens
+                return (
+                    f"  [dim]llm {escape(event.agent)} {event.purpose} {escape(event.model)}: "
+                    f"{event.input_tokens}+{event.output_tokens} tokens, ${event.cost_usd:.4f}, "
+                    f"{event.latency_ms:.0f} ms[/]"
+                )
+            case ToolCallRequested():
+                args = ", ".join(f"{k}={_short(str(v), 40)}" for k, v in event.arguments.items())
+                return f"  [yellow]tool[/] {_task(event)} calls {escape(event.tool)}({args})"
+            case ToolCallCompleted():
+                result = _short(event.output, 80) if event.ok else f"[red]error: {_short(event.error or '', 80)}[/]"
+                again = " (stored result)" if event.replayed else ""
+                return f"  [yellow]tool[/] {_task(event)} ← {escape(event.tool)}: {result}{again}"
+            case TaskCompleted():
+                return f"[green]✓ task {_task(event)}[/] done in {event.steps} steps: {_short(event.result, 80)}"
+            case TaskFailed():
+                return f"[red]✗ task {_task(event)} failed[/] ({escape(event.reason)}): {_short(event.detail)}"
+        return None
+
+    def _finish(self, event: GoalCompleted | GoalFailed) -> None:
+        if isinstance(event, GoalCompleted):
+            self.console.print(Panel(escape(event.answer), title="final answer", border_style="green"))
+        else:
+            self.console.print(
+                Panel(f"{escape(event.reason)}\n{escape(event.detail)}", title="goal failed", border_style="red")
+            )
+        self.console.print(f"[dim]{self.llm_calls} model calls, {self.tokens} tokens[/]")

@@ -1,0 +1,157 @@
+"""The agent's step loop, driven event by event without a broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from memory.keys import RedisKeys
+from memory.state import VersionedStore
+from schemas.events import (
+    MemoryRecallCompleted,
+    MemoryRecallRequested,
+    TaskAssigned,
+    TaskCompleted,
+    TaskFailed,
+    ToolCallCompleted,
+    ToolCallRequested,
+)
+from schemas.topics import Topics
+from services.agents import logic
+from services.runtime.catalogue import PACKAGED_PROMPTS, AgentCatalogue
+from services.runtime.idempotency import StepLedger
+from services.runtime.llm import LLMGateway
+from services.runtime.offline_model import Script, ToolCall, Turn
+from services.runtime.prompts import PromptLibrary
+from services.runtime.settings import LLMSettings
+
+
+def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | None = None, **overrides: Any) -> logic.AgentDeps:
+    kind = AgentCatalogue.load().get("researcher")
+    options: dict[str, Any] = {"max_steps": 4, "max_invalid_outputs": 1, "recall_k": 3, "tool_output_chars": 2000}
+    options.update(overrides)
+    return logic.AgentDeps(
+        kind=kind,
+        model="offline/default",
+        prompt=PromptLibrary(PACKAGED_PROMPTS).latest(kind.prompt),
+        llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script),
+        ledger=StepLedger(VersionedStore(redis, logic.TaskCheckpoint, 3600)),
+        keys=keys,
+        topics=topics,
+        **options,
+    )
+
+
+def assignment(instruction: str = "What is 12*7") -> TaskAssigned:
+    return TaskAssigned(
+        tenant="acme", goal_id="g1", task_id="g1.r1", kind="researcher",
+        instruction=instruction, goal_text=instruction,
+    )
+
+
+def recalled(cause: MemoryRecallRequested) -> MemoryRecallCompleted:
+    return MemoryRecallCompleted(**cause.caused(), request_id=cause.request_id, hits=[])
+
+
+def answered(request: ToolCallRequested, output: str) -> ToolCallCompleted:
+    return ToolCallCompleted(
+        **request.caused(), call_id=request.call_id, step_id=request.step_id, tool=request.tool, ok=True, output=output
+    )
+
+
+def events_of(outputs: list[Any], kind: type) -> list[Any]:
+    return [o.event for o in outputs if isinstance(o.event, kind)]
+
+
+async def test_a_task_recalls_memory_then_calls_tools_then_answers(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    deps = make_deps(redis, keys, topics)
+    first = await logic.start_task(deps, assignment())
+    [recall] = events_of(first, MemoryRecallRequested)
+    assert first[0].topic == topics.memory and recall.reply_to == topics.agent("researcher")
+
+    second = await logic.resume_with_memories(deps, recalled(recall))
+    requests = events_of(second, ToolCallRequested)
+    assert {r.tool for r in requests} == {"calculator", "kb_search"}
+    routes = {o.event.tool: o.topic for o in second if isinstance(o.event, ToolCallRequested)}
+    assert routes == {"calculator": topics.tools, "kb_search": topics.memory}
+
+    calc = next(r for r in requests if r.tool == "calculator")
+    kb = next(r for r in requests if r.tool == "kb_search")
+    assert await logic.resume_with_tool_result(deps, answered(calc, "12*7 = 84")) == []  # still waiting for kb
+    final = await logic.resume_with_tool_result(deps, answered(kb, "Multiplication is repeated addition."))
+    [done] = events_of(final, TaskCompleted)
+    assert "84" in done.result and done.steps == 2
+    assert [o.topic for o in final if isinstance(o.event, TaskCompleted)] == [topics.goals]
+
+
+async def test_a_redelivered_event_reproduces_its_outputs_without_calling_the_model(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = make_deps(redis, keys, topics)
+    [out] = await logic.start_task(deps, assignment())
+    event = recalled(out.event)
+    first = await logic.resume_with_memories(deps, event)
+    calls_before = deps.llm.offline.calls
+    again = await logic.resume_with_memories(deps, event)
+    assert deps.llm.offline.calls == calls_before
+    assert [o.event.event_id for o in again] == [o.event.event_id for o in first]
+
+
+async def test_a_tool_outside_the_allowlist_is_refused_and_the_model_is_told(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    seen: list[list[dict[str, Any]]] = []
+
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        seen.append(messages)
+        if len(seen) == 1:
+            return Turn(tool_calls=[ToolCall("save_note", {"title": "x", "body": "y"})])
+        return Turn(content="done without notes")
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0)
+    outputs = await logic.start_task(deps, assignment())
+    assert events_of(outputs, ToolCallRequested) == []
+    [done] = events_of(outputs, TaskCompleted)
+    assert done.result == "done without notes"
+    tool_feedback = [m for m in seen[1] if m["role"] == "tool"]
+    assert "not allowed for agent kind 'researcher'" in tool_feedback[0]["content"]
+
+
+async def test_invalid_arguments_are_a_bounded_retry_then_the_task_fails(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": "", "extra": 1})])
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0, max_invalid_outputs=1)
+    outputs = await logic.start_task(deps, assignment())
+    [failed] = events_of(outputs, TaskFailed)
+    assert failed.reason == "invalid_output" and "invalid arguments for calculator" in failed.detail
+    assert deps.llm.offline.calls == 2
+
+
+async def test_a_model_that_never_answers_is_stopped_at_max_steps(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{len(messages)}+1"})])
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0, max_steps=3)
+    outputs = await logic.start_task(deps, assignment())
+    for _ in range(5):
+        requests = events_of(outputs, ToolCallRequested)
+        if not requests:
+            break
+        outputs = await logic.resume_with_tool_result(deps, answered(requests[0], "1"))
+    [failed] = events_of(outputs, TaskFailed)
+    assert failed.reason == "max_steps"
+    assert deps.llm.offline.calls == 3
+
+
+@pytest.mark.parametrize("tool", ["calculator", "kb_search"])
+async def test_a_stale_tool_result_is_ignored(redis: Redis, keys: RedisKeys, topics: Topics, tool: str) -> None:
+    deps = make_deps(redis, keys, topics, recall_k=0)
+    outputs = await logic.start_task(deps, assignment())
+    request = next(r for r in events_of(outputs, ToolCallRequested) if r.tool == tool)
+    stale = ToolCallCompleted(**request.caused(), call_id="g1.r1:9:0", step_id="g1.r1:9", tool=tool, ok=True, output="x")
+    assert await logic.resume_with_tool_result(deps, stale) == []

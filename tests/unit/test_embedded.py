@@ -1,0 +1,45 @@
+"""The embedded default: every service in one process on the in-process bus, as `switchboard run` uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.ops.cli import app
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SWITCHBOARD_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    return tmp_path
+
+
+def test_switchboard_run_completes_a_goal_and_shows_its_progress(data_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "What is 12*7 and what is Apache Kafka?"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for shown in ("plan", "assigned to researcher", "assigned to writer", "calls calculator", "memory", "final answer"):
+        assert shown in out
+    answer = out.split("final answer", 1)[1]
+    assert "84" in answer and "distributed event log" in answer
+    notes = (data_dir / "sandbox" / "default" / "notes.jsonl").read_text().splitlines()
+    assert len(notes) == 1 and "12*7 = 84" in json.loads(notes[0])["body"]
+
+
+def test_a_second_run_recalls_the_first_runs_outcomes(data_dir: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", "What is 6*7"]).exit_code == 0
+    second = runner.invoke(app, ["run", "What is 6*7"])
+    assert second.exit_code == 0
+    assert "6*7 = 42" in second.output.split("recalls", 1)[1]
+
+
+def test_run_without_a_goal_explains_usage() -> None:
+    result = CliRunner().invoke(app, ["run"])
+    assert result.exit_code == 2
+    assert "Missing argument" in result.output

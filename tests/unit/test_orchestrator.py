@@ -1,0 +1,95 @@
+"""Orchestrator decisions without a broker: plan, dispatch in dependency order, answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from memory.keys import RedisKeys
+from memory.state import VersionedStore
+from schemas.events import GoalCompleted, GoalFailed, GoalPlanned, GoalSubmitted, TaskAssigned, TaskCompleted, TaskFailed
+from schemas.topics import Topics
+from services.orchestrator import logic
+from services.orchestrator.app import PROMPTS
+from services.runtime.catalogue import AgentCatalogue
+from services.runtime.idempotency import StepLedger
+from services.runtime.llm import LLMGateway
+from services.runtime.offline_model import Script, Turn
+from services.runtime.prompts import PromptLibrary
+from services.runtime.settings import LLMSettings
+
+
+def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | None = None) -> logic.OrchestratorDeps:
+    prompts = PromptLibrary(PROMPTS)
+    return logic.OrchestratorDeps(
+        llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script),
+        ledger=StepLedger(VersionedStore(redis, logic.GoalState, 3600)),
+        keys=keys, topics=topics, catalogue=AgentCatalogue.load(),
+        planner=prompts.latest("planner"), editor=prompts.latest("editor"),
+        model="offline/default", max_plan_attempts=2,
+    )
+
+
+GOAL = GoalSubmitted(tenant="acme", goal_id="g1", text="What is 2+2 and what is Redis?")
+
+
+def of(outputs: list[Any], kind: type) -> list[Any]:
+    return [o.event for o in outputs if isinstance(o.event, kind)]
+
+
+def completed(task: TaskAssigned, result: str) -> TaskCompleted:
+    return TaskCompleted(**task.caused(), kind=task.kind, result=result, steps=1)
+
+
+async def test_a_goal_is_planned_dispatched_in_dependency_order_and_answered(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = make_deps(redis, keys, topics)
+    outputs = await logic.plan_goal(deps, GOAL)
+    [planned] = of(outputs, GoalPlanned)
+    assert [t.kind for t in planned.plan.tasks] == ["researcher", "researcher", "writer"]
+    first_wave = of(outputs, TaskAssigned)
+    assert [t.task_id for t in first_wave] == ["g1.r1", "g1.r2"]
+    assert {o.topic for o in outputs if isinstance(o.event, TaskAssigned)} == {topics.agent("researcher")}
+
+    assert of(await logic.record_task_result(deps, completed(first_wave[0], "2+2 = 4")), TaskAssigned) == []
+    [writer] = of(await logic.record_task_result(deps, completed(first_wave[1], "Redis is a store")), TaskAssigned)
+    assert writer.kind == "writer" and writer.inputs == {"r1": "2+2 = 4", "r2": "Redis is a store"}
+
+    final = await logic.record_task_result(deps, completed(writer, "4; Redis is a store"))
+    [done] = of(final, GoalCompleted)
+    assert done.answer == "4; Redis is a store"
+    assert done.task_results == {"r1": "2+2 = 4", "r2": "Redis is a store", "w1": "4; Redis is a store"}
+
+
+async def test_a_redelivered_submission_does_not_plan_twice(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    deps = make_deps(redis, keys, topics)
+    first = await logic.plan_goal(deps, GOAL)
+    again = await logic.plan_goal(deps, GOAL)
+    assert deps.llm.offline.calls == 1
+    assert [o.event.event_id for o in again] == [o.event.event_id for o in first]
+
+
+async def test_an_invalid_plan_is_retried_with_the_error_then_the_goal_fails(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    seen: list[list[dict[str, Any]]] = []
+
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        seen.append(messages)
+        return Turn(content='{"tasks": [{"id": "a", "kind": "astrologer", "instruction": "x"}]}')
+
+    deps = make_deps(redis, keys, topics, script)
+    [failed] = of(await logic.plan_goal(deps, GOAL), GoalFailed)
+    assert failed.reason == "invalid_plan" and "astrologer" in failed.detail
+    assert len(seen) == 2
+    assert "That plan is invalid" in seen[1][-1]["content"]
+
+
+async def test_a_failed_task_fails_the_goal_once(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    deps = make_deps(redis, keys, topics)
+    [r1, r2] = of(await logic.plan_goal(deps, GOAL), TaskAssigned)
+    [failed] = of(await logic.record_task_result(deps, TaskFailed(**r1.caused(), kind="researcher", reason="max_steps")), GoalFailed)
+    assert failed.reason == "task_failed:max_steps"
+    assert await logic.record_task_result(deps, completed(r2, "late")) == []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
 from schemas.envelope import Envelope
 from schemas.events import decode_event
 from schemas.topics import Topics
-from services.runtime.kafka_bus import ensure_topics
+from services.runtime.kafka_bus import ensure_topics, topic_partitions
 from services.runtime.settings import KafkaSettings
 from services.runtime.tracecontext import new_traceparent
 
@@ -33,12 +33,7 @@ async def goal_follower(kafka: KafkaSettings, topics: Topics, partitions: int) -
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.require(), group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer.topics()  # loads metadata for every topic
-        assigned = [
-            TopicPartition(topic, p)
-            for topic in topics.work_topics()
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
+        assigned = await topic_partitions(kafka, topics.work_topics())
         consumer.assign(assigned)
         ends = await consumer.end_offsets(assigned)
         for tp, offset in ends.items():

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -88,6 +88,21 @@ def subscribe(broker: KafkaBroker, pipeline: MessagePipeline, kafka: KafkaSettin
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         decoder=_raw_body,
     )(on_message)
+
+
+async def topic_partitions(kafka: KafkaSettings, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of the given topics, as the broker describes them now."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return [
+        TopicPartition(topic["topic"], p["partition"])
+        for topic in described
+        for p in sorted(topic["partitions"], key=lambda p: p["partition"])
+    ]
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: list[str], partitions: int) -> None:

@@ -117,7 +117,7 @@ class MessagePipeline:
             return Rejection("unknown_event", exc), []
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(initial=self.retry.initial_s, max=self.retry.max_s),
+            wait=wait_exponential_jitter(multiplier=self.retry.initial_s, max=self.retry.max_s, jitter=self.retry.initial_s),
             retry=retry_if_exception(_is_transient),
             reraise=False,
         )
@@ -148,7 +148,7 @@ class MessagePipeline:
     ) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.publish_deadline_s),
-            wait=wait_exponential_jitter(initial=0.5, max=10),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10, jitter=0.5),
             reraise=True,
         )
         try:

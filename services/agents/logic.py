@@ -7,6 +7,7 @@ any replica can continue any task.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ from services.runtime.catalogue import AgentKind
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway, ModelToolCall
 from services.runtime.prompts import Prompt
+
+log = logging.getLogger("switchboard.agent")
 
 
 class PendingCall(BaseModel):
@@ -165,6 +168,7 @@ async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoin
         if cp.step >= deps.max_steps:
             return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]
         step_id = f"{task_id}:{cp.step}"
+        log.info("step %s: calling %s", step_id, deps.model)
         completion = await deps.llm.complete(
             model=deps.model, prompt=deps.prompt,
             messages=[{"role": "system", "content": deps.prompt.text}, *cp.messages],

@@ -31,7 +31,10 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
     deps = logic.AgentDeps(
         kind=agent_kind,
         model=model or settings.model or agent_kind.model,
-        prompt=PromptLibrary(PACKAGED_PROMPTS).latest(agent_kind.prompt),
+        # A custom catalogue (SWITCHBOARD_AGENTS_DIR) may ship its prompt files beside its kinds.
+        prompt=PromptLibrary(PACKAGED_PROMPTS, *filter(None, [runtime.settings.platform.agents_dir])).latest(
+            agent_kind.prompt
+        ),
         llm=runtime.llm,
         ledger=StepLedger(VersionedStore(runtime.redis, logic.TaskCheckpoint, settings.checkpoint_ttl_s)),
         keys=runtime.keys,

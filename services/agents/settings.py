@@ -1,11 +1,13 @@
 """Agent settings (env prefix AGENT_)."""
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
+
+from services.runtime.settings import settings_config
 
 
 class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AGENT_", env_file=".env", extra="ignore")
+    model_config = settings_config("AGENT_")
 
     kind: str = "researcher"
     model: str | None = None

@@ -4,18 +4,20 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode
+
+from services.runtime.settings import settings_config
 
 
 class MemorySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MEMORY_", env_file=".env", extra="ignore")
+    model_config = settings_config("MEMORY_")
 
     stream_maxlen: int = Field(default=10_000, ge=100)
     stream_ttl_s: int = Field(default=7 * 86_400, ge=60)
     min_score: float = Field(default=0.15, ge=-1.0, le=1.0)
     """Relevance threshold (cosine similarity) below which a memory is not recalled."""
     seed_file: Path | None = None
-    """JSON lines of {id, text} facts loaded into the knowledge base at start-up; defaults to memory/seed."""
+    """JSON lines of {id, text} facts loaded into the knowledge base at start-up; defaults to memory/seed/knowledge.jsonl."""
     seed_tenants: Annotated[tuple[str, ...], NoDecode] = ("default",)
 
     @field_validator("seed_tenants", mode="before")

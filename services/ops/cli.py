@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from enum import Enum
 from typing import Annotated
 
 import typer
+from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 
 from schemas.events import GoalCompleted, GoalFailed, GoalSubmitted, decode_event
@@ -29,8 +31,14 @@ app.add_typer(goal_app, name="goal")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-ROLES = ("orchestrator", "agent", "tools", "memory", "all")
-TenantOption = Annotated[str | None, typer.Option(help="Tenant the goal belongs to [default: SWITCHBOARD_TENANT]")]
+class Role(str, Enum):
+    orchestrator = "orchestrator"
+    agent = "agent"
+    tools = "tools"
+    memory = "memory"
+    all = "all"
+
+TenantOption = Annotated[str | None, typer.Option(help="Tenant the goal belongs to (default: $SWITCHBOARD_TENANT, else 'default').")]
 TimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for the goal to finish.")]
 
 
@@ -98,8 +106,8 @@ def run(
 
 @app.command()
 def serve(
-    role: Annotated[str, typer.Argument(help=f"One of: {', '.join(ROLES)}.")],
-    kind: Annotated[str | None, typer.Option(help="Agent kind, for the agent role [default: AGENT_KIND].")] = None,
+    role: Annotated[Role, typer.Argument(help="Which role to run.", case_sensitive=False)],
+    kind: Annotated[str | None, typer.Option(help="Agent kind, for the agent role (default: $AGENT_KIND, else researcher).")] = None,
     model: Annotated[str | None, typer.Option(help="LiteLLM model string overriding the agent kind's model.")] = None,
 ) -> None:
     """Run one role as a Kafka consumer group member until interrupted.
@@ -108,17 +116,20 @@ def serve(
     Start as many replicas of a role as you like: they share its consumer group.
     `all` runs every role in this process (every agent kind).
     """
-    if role not in ROLES:
-        err.print(f"[red]unknown role {role!r}; choose one of {', '.join(ROLES)}[/]")
-        raise typer.Exit(2)
     settings = Settings()
     _logging(settings, quiet=False)
-    if role == "all":
+    if role is Role.all:
         specs = _all_services(settings)
-    elif role == "agent":
+    elif role is Role.agent:
+        try:  # fail before connecting anywhere when the kind does not exist
+            if kind:
+                AgentCatalogue.load(settings.platform.agents_dir).get(kind)
+        except ConfigurationError as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from exc
         specs = [ServiceSpec("agent", {"kind": kind, "model": model})]
     else:
-        specs = [ServiceSpec(role)]
+        specs = [ServiceSpec(role.value)]
     try:
         faststream_app = kafka_app(specs, settings)
     except ConfigurationError as exc:
@@ -142,12 +153,14 @@ def submit(
     _logging(settings, quiet=True)
     from services.ops.kafka_client import goal_events, goal_follower, publish
     from services.ops.progress import ProgressView
+    from services.runtime.kafka_bus import ensure_topics
 
     topics = Topics(settings.platform.namespace, AgentCatalogue.load(settings.platform.agents_dir).names)
     event = GoalSubmitted(tenant=tenant or settings.platform.tenant, goal_id=f"g-{new_id()}", text=text)
 
     async def main() -> int:
         if not follow:
+            await ensure_topics(settings.kafka, topics.all_topics(), settings.platform.partitions)
             await publish(settings.kafka, topics.goals, event, event.goal_id)
             console.print(event.goal_id)
             return 0
@@ -179,6 +192,9 @@ def _run_async(coro: object) -> int:
         result = asyncio.run(coro)  # type: ignore[arg-type]
     except ConfigurationError as exc:
         err.print(f"[red]{exc}[/]")
+        return 2
+    except KafkaConnectionError as exc:
+        err.print(f"[red]cannot reach Kafka: {exc}. Is it running (`make infra-up`), and is KAFKA_BOOTSTRAP_SERVERS right?[/]")
         return 2
     except KeyboardInterrupt:
         return 130

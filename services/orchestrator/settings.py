@@ -1,11 +1,13 @@
 """Orchestrator settings (env prefix ORCHESTRATOR_)."""
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
+
+from services.runtime.settings import settings_config
 
 
 class OrchestratorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", env_file=".env", extra="ignore")
+    model_config = settings_config("ORCHESTRATOR_")
 
     model: str | None = None
     """Model for planning and the final answer; defaults to LLM_DEFAULT_MODEL."""

@@ -14,25 +14,27 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from services.runtime.errors import ConfigurationError
 
 
-def _config(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore")
+def settings_config(prefix: str) -> SettingsConfigDict:
+    """How every Switchboard settings class reads the environment. `NAME=` counts as unset."""
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", env_ignore_empty=True)
 
 
 class PlatformSettings(BaseSettings):
-    model_config = _config("SWITCHBOARD_")
+    model_config = settings_config("SWITCHBOARD_")
 
     namespace: str = Field(default="sb", pattern=r"^[A-Za-z0-9_-]+$")
     tenant: str = "default"
     partitions: int = Field(default=3, ge=1)
     data_dir: Path = Path(".switchboard")
     agents_dir: Path | None = None
-    """Directory of agent kind definitions; defaults to the packaged services/agents/kinds."""
+    """Directory of agent kind definitions (*.toml) and their prompt files (<name>.v<N>.md);
+    defaults to the packaged services/agents/kinds and services/agents/prompts."""
     log_level: str = "INFO"
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
 class KafkaSettings(BaseSettings):
-    model_config = _config("KAFKA_")
+    model_config = settings_config("KAFKA_")
 
     bootstrap_servers: str | None = None
     session_timeout_ms: int = 10_000
@@ -50,14 +52,14 @@ class KafkaSettings(BaseSettings):
 
 
 class RedisSettings(BaseSettings):
-    model_config = _config("REDIS_")
+    model_config = settings_config("REDIS_")
 
     url: str | None = None
     """None means an in-process store (embedded mode only)."""
 
 
 class QdrantSettings(BaseSettings):
-    model_config = _config("QDRANT_")
+    model_config = settings_config("QDRANT_")
 
     url: str | None = None
     """A Qdrant server. When unset, local mode on `path` is used (one process per path)."""
@@ -67,7 +69,7 @@ class QdrantSettings(BaseSettings):
 
 
 class LLMSettings(BaseSettings):
-    model_config = _config("LLM_")
+    model_config = settings_config("LLM_")
 
     default_model: str = "offline/default"
     timeout_s: float = 60.0

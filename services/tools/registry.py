@@ -50,16 +50,24 @@ def http_get(enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeo
         host = (urlsplit(args.url).hostname or "").lower()
         if host not in allowed_hosts:
             raise ToolFailed(f"host {host!r} is not on the allowlist {sorted(allowed_hosts)}")
+        body = bytearray()
         try:
-            async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-                response = await client.get(args.url)
+            async with (
+                httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
+                client.stream("GET", args.url) as response,
+            ):
+                if response.status_code >= 500:
+                    raise Retryable(f"GET {args.url} answered {response.status_code}")
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= max_bytes:  # stop reading: a huge page must not fill memory
+                        break
         except httpx.TimeoutException as exc:
             raise Retryable(f"GET {args.url} timed out") from exc
         except httpx.HTTPError as exc:
             raise ToolFailed(f"GET {args.url} failed: {exc}") from exc
-        if response.status_code >= 500:
-            raise Retryable(f"GET {args.url} answered {response.status_code}")
-        return f"HTTP {response.status_code}\n{response.text[:max_bytes]}"
+        text = bytes(body[:max_bytes]).decode(response.encoding or "utf-8", errors="replace")
+        return f"HTTP {response.status_code}\n{text}"
 
     return run
 

@@ -4,11 +4,13 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode
+
+from services.runtime.settings import settings_config
 
 
 class ToolsSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOOLS_", env_file=".env", extra="ignore")
+    model_config = settings_config("TOOLS_")
 
     timeout_s: float = Field(default=10.0, gt=0)
     sandbox_dir: Path | None = None

@@ -103,3 +103,42 @@ def test_the_agent_validates_arguments_against_the_tool_schema() -> None:
     assert "invalid arguments" in str(validate_call(researcher, ModelToolCall(0, "calculator", '{"expression": 5}')))
     assert "invalid arguments" in str(validate_call(researcher, ModelToolCall(0, "calculator", "not json")))
     assert "not allowed" in str(validate_call(researcher, ModelToolCall(0, "http_get", '{"url": "http://x"}')))
+
+
+async def test_http_get_fetches_from_an_allowlisted_host_and_stops_at_the_size_limit() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from schemas.tools import HttpGetArgs
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            body = b"x" * 50_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        fetch = registry.http_get(True, frozenset({"127.0.0.1"}), 1_000, 5.0)
+        ctx = registry.CallContext("acme", "g1", "g1.r1", "key")
+        output = await fetch(HttpGetArgs(url=f"http://127.0.0.1:{server.server_port}/page"), ctx)
+        assert output.startswith("HTTP 200\n")
+        assert output.removeprefix("HTTP 200\n") == "x" * 1_000
+        off = registry.http_get(False, frozenset({"127.0.0.1"}), 1_000, 5.0)
+        try:
+            await off(HttpGetArgs(url=f"http://127.0.0.1:{server.server_port}/page"), ctx)
+        except registry.ToolFailed as exc:
+            assert "disabled" in str(exc)
+        else:
+            raise AssertionError("http_get ran while disabled")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -86,6 +86,8 @@ async def open_service(runtime: Runtime, **_: Any) -> MemoryApp:
                 topics=(topics.memory,),
                 handlers={MemoryRecallRequested: on_recall, ToolCallRequested: on_kb_search},
             ),
-            Subscription(group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on_any),
+            Subscription(
+                group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on_any, observer=True
+            ),
         ],
     )

@@ -44,6 +44,9 @@ class Subscription:
     handlers: Mapping[type[Envelope], Handler] = field(default_factory=dict)
     fallback: Handler | None = None
     """Handles every event type not in `handlers` (observers such as the recorder)."""
+    observer: bool = False
+    """Reads topics another group owns. It skips messages it cannot decode instead of
+    dead-lettering them: the owning group writes the one dead-letter record for each."""
 
     def handler_for(self, event: Envelope) -> Handler | None:
         return self.handlers.get(type(event), self.fallback)

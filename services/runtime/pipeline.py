@@ -91,6 +91,12 @@ class MessagePipeline:
         not commit this message (it will be redelivered).
         """
         event, rejection = self._decode(delivery)
+        if rejection is not None and self.subscription.observer:
+            log.warning(
+                "observer %s skipped %s[%d]@%d (%s); the topic's own consumer dead-letters it",
+                self.subscription.group, delivery.topic, delivery.partition, delivery.offset, rejection.reason,
+            )
+            return
         if rejection is None and event is not None:
             rejection, outputs = await self._handle(event, delivery)
             if rejection is None:

@@ -114,3 +114,18 @@ async def test_an_event_the_group_does_not_handle_is_dead_lettered_as_unknown() 
     pipe = MessagePipeline(sub, producer)
     await pipe.process(delivery(other.to_bytes()))
     assert producer.sent[0][3]["x-dlq-reason"] == "unknown_event"
+
+
+async def test_an_observer_skips_what_it_cannot_decode_so_each_bad_message_is_dead_lettered_once() -> None:
+    producer = RecordingProducer()
+    seen: list[str] = []
+
+    async def record(event: Envelope, _: Delivery) -> list[Outgoing]:
+        seen.append(event.event_id)
+        return []
+
+    observer = MessagePipeline(Subscription("t.recorder", ("t.goals",), fallback=record, observer=True), producer)
+    await observer.process(delivery(b"not json"))
+    await observer.process(delivery(GOAL.to_bytes()))
+    assert producer.sent == []
+    assert seen == [GOAL.event_id]

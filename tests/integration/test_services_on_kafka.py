@@ -95,12 +95,15 @@ async def test_memory_service_recalls_facts_and_records_every_goal_event(setting
         outcome = TaskCompleted(tenant="default", goal_id="g-mem", task_id="g-mem.r1", kind="researcher", result="The answer to the ultimate question is 42", steps=1)
         await send.event(t.goals, outcome, key="g-mem")
         stream = keys.goal_stream("default", "g-mem")
-        # XREAD BLOCK waits for the recorder's write; the ask and the outcome are both goal events.
-        entries = await redis.xread({stream: "0"}, count=10, block=30_000)
-        while len(entries[0][1]) < 2:
-            entries = await redis.xread({stream: "0"}, count=10, block=30_000)
-        recorded = [fields[b"event_type"].decode() for _, fields in entries[0][1]]
-        assert sorted(recorded) == ["memory.recall_requested", "task.completed"]
+        expected = {"memory.recall_requested", "memory.recall_completed", "task.completed"}
+        recorded: set[str] = set()
+        last = "0"
+        while recorded != expected:
+            # XREAD BLOCK waits for the recorder's next write; it records every event of the goal.
+            [[_, entries]] = await redis.xread({stream: last}, count=10, block=30_000) or [[None, []]]
+            assert entries, f"recorder wrote nothing new within 30s; so far {recorded}"
+            last = entries[-1][0]
+            recorded |= {fields[b"event_type"].decode() for _, fields in entries}
         assert await redis.ttl(stream) > 0
 
         await send.event(t.memory, ask.model_copy(update={"event_id": "again", "request_id": "q2", "query": "the ultimate question"}))

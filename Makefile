@@ -15,6 +15,7 @@ help:
 	@echo "make demo        run a sample goal on the embedded defaults (no servers, no API key)"
 	@echo "make test        start local Kafka + Redis, run every test against them, stop them"
 	@echo "make test-unit   only the unit tests (no servers)"
+	@echo "make typecheck   mypy --strict on schemas/, memory/ and services/runtime/"
 	@echo "make infra-up    start local Kafka (KRaft) and Redis; make infra-down stops them"
 	@echo "make bench       benchmark on the local Kafka and Redis with the offline model"
 
@@ -41,8 +42,8 @@ infra-status:
 test-unit: deps
 	$(BIN)/pytest -m unit
 
-# Starts the infrastructure, runs the whole suite against it, and always stops it again.
-test: deps
+# Type-checks, starts the infrastructure, runs the whole suite against it, and always stops it again.
+test: typecheck
 	bash compose/local/infra.sh up
 	status=0; \
 	KAFKA_BOOTSTRAP_SERVERS=$(TEST_KAFKA) REDIS_URL=$(TEST_REDIS) $(BIN)/pytest || status=$$?; \
@@ -56,5 +57,6 @@ bench: deps
 	bash compose/local/infra.sh down; \
 	exit $$status
 
+# The house style: strict typing on the contract, memory and the shared runtime.
 typecheck: deps
 	$(BIN)/mypy schemas memory services/runtime

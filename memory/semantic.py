@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from memory.embeddings import Embedder
 
@@ -49,10 +50,15 @@ class SemanticMemory:
     async def ensure_collection(self) -> None:
         if await self.client.collection_exists(self.collection):
             return
-        await self.client.create_collection(
-            self.collection,
-            vectors_config=models.VectorParams(size=self.embedder.dim, distance=models.Distance.COSINE),
-        )
+        try:
+            await self.client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=self.embedder.dim, distance=models.Distance.COSINE),
+            )
+        except UnexpectedResponse as exc:
+            if exc.status_code != 409:  # 409: another replica created it first, which is fine
+                raise
+            return
         if self.local:
             return  # local mode has no payload indexes; it scans, which is fine at its scale
         await self.client.create_payload_index(

@@ -49,7 +49,7 @@ class VersionedStore(Generic[V]):
                 current = 0 if raw is None else self.model.model_validate_json(raw).version
                 if current != expected:
                     raise ConcurrentUpdate(f"{key} is at version {current}, expected {expected}")
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 pipe.set(key, updated.model_dump_json(), ex=self.ttl_s)
                 await pipe.execute()
             except WatchError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -40,7 +41,8 @@ class GoalTimeline:
 
     async def read(self, tenant: str, goal_id: str) -> list[TimelineEntry]:
         """The goal's events in order, once each (redelivered duplicates are dropped)."""
-        rows = await self.redis.xrange(self.keys.goal_stream(tenant, goal_id))
+        # redis-py types stream rows loosely; with decode_responses off they are bytes.
+        rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrange(self.keys.goal_stream(tenant, goal_id)))
         seen: set[str] = set()
         entries: list[TimelineEntry] = []
         for entry_id, fields in rows:

@@ -34,7 +34,7 @@ class StoredOutgoing(BaseModel):
 
     @classmethod
     def of(cls, out: Outgoing) -> StoredOutgoing:
-        return cls(topic=out.topic, key=out.key, event=out.event)  # type: ignore[arg-type]
+        return cls(topic=out.topic, key=out.key, event=out.event)
 
     def restore(self) -> Outgoing:
         return Outgoing(self.topic, self.event, self.key)

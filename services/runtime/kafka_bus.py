@@ -58,7 +58,7 @@ def subscribe(broker: KafkaBroker, pipeline: MessagePipeline, kafka: KafkaSettin
     sub = pipeline.subscription
 
     async def on_message(body: bytes, msg: KafkaMessage) -> None:
-        record: ConsumerRecord[Any, Any] = msg.raw_message  # type: ignore[assignment]
+        record: ConsumerRecord[Any, Any] = msg.raw_message
         delivery = Delivery(
             topic=record.topic,
             partition=record.partition,

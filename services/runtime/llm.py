@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import litellm
-from litellm import Router
+from litellm.router import Router
 
 from schemas.envelope import Envelope
 from schemas.events import LLMCallRecorded

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from litellm import CustomLLM, ModelResponse
+from litellm import ModelResponse
+from litellm.llms.custom_llm import CustomLLM
 
 from services.runtime.errors import ConfigurationError
 
@@ -158,7 +159,7 @@ def default_turn(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
     return agent_turn(messages, tools)
 
 
-class OfflineModel(CustomLLM):  # type: ignore[misc]
+class OfflineModel(CustomLLM):
     """Registered with LiteLLM as the `offline/...` provider."""
 
     def __init__(self, latency_ms: float = 0.0, script: Script | None = None) -> None:

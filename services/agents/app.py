@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from memory.state import VersionedStore
-from schemas.envelope import Envelope
 from schemas.events import MemoryRecallCompleted, TaskAssigned, ToolCallCompleted
 from services.agents import logic
 from services.agents.settings import AgentSettings
-from services.runtime.bus import Delivery, Outgoing, Subscription
+from services.runtime.bus import Subscription, on
 from services.runtime.catalogue import PACKAGED_PROMPTS
-from services.runtime.host import Runtime
+from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import StepLedger
 from services.runtime.prompts import PromptLibrary
 
 
-@dataclass
-class AgentApp:
-    subscriptions: list[Subscription] = field(default_factory=list)
-
-    async def close(self) -> None:
-        return None
-
-
-async def open_service(runtime: Runtime, kind: str | None = None, model: str | None = None, **_: Any) -> AgentApp:
+async def open_service(runtime: Runtime, kind: str | None = None, model: str | None = None, **_: Any) -> ServiceApp:
     settings = AgentSettings()
     agent_kind = runtime.catalogue.get(kind or settings.kind)
     deps = logic.AgentDeps(
@@ -45,27 +36,15 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
         tool_output_chars=settings.tool_output_chars,
     )
 
-    async def on_assigned(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, TaskAssigned)
-        return await logic.start_task(deps, event)
-
-    async def on_memories(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, MemoryRecallCompleted)
-        return await logic.resume_with_memories(deps, event)
-
-    async def on_tool_result(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, ToolCallCompleted)
-        return await logic.resume_with_tool_result(deps, event)
-
-    return AgentApp(
+    return ServiceApp(
         [
             Subscription(
                 group=runtime.group(f"agent.{agent_kind.name}"),
                 topics=(runtime.topics.agent(agent_kind.name),),
                 handlers={
-                    TaskAssigned: on_assigned,
-                    MemoryRecallCompleted: on_memories,
-                    ToolCallCompleted: on_tool_result,
+                    TaskAssigned: on(partial(logic.start_task, deps)),
+                    MemoryRecallCompleted: on(partial(logic.resume_with_memories, deps)),
+                    ToolCallCompleted: on(partial(logic.resume_with_tool_result, deps)),
                 },
             )
         ]

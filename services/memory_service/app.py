@@ -6,7 +6,7 @@ reach memory through events. Set QDRANT_URL to share a Qdrant server between rep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,13 @@ from qdrant_client import AsyncQdrantClient
 from memory.embeddings import Embedder, HashingEmbedder, LiteLLMEmbedder
 from memory.semantic import SemanticMemory
 from memory.timeline import GoalTimeline
-from schemas.envelope import Envelope
 from schemas.events import MemoryRecallRequested, ToolCallRequested
 from services.memory_service import logic
 from services.memory_service.settings import MemorySettings
-from services.runtime.bus import Delivery, Outgoing, Subscription
-from services.runtime.host import Runtime
+from services.runtime.bus import Subscription, on
+from services.runtime.host import Runtime, ServiceApp
 
 SEED = Path(__file__).resolve().parents[2] / "memory" / "seed" / "knowledge.jsonl"
-
-
-@dataclass
-class MemoryApp:
-    client: AsyncQdrantClient
-    subscriptions: list[Subscription] = field(default_factory=list)
-
-    async def close(self) -> None:
-        await self.client.close()
 
 
 def _qdrant(runtime: Runtime) -> tuple[AsyncQdrantClient, bool]:
@@ -52,7 +42,7 @@ def _embedder(runtime: Runtime) -> Embedder:
     return HashingEmbedder()
 
 
-async def open_service(runtime: Runtime, **_: Any) -> MemoryApp:
+async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
     settings = MemorySettings()
     client, local = _qdrant(runtime)
     semantic = SemanticMemory(client, _embedder(runtime), runtime.settings.platform.namespace, local)
@@ -66,28 +56,21 @@ async def open_service(runtime: Runtime, **_: Any) -> MemoryApp:
         min_score=settings.min_score,
     )
 
-    async def on_recall(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, MemoryRecallRequested)
-        return await logic.recall(deps, event)
-
-    async def on_kb_search(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, ToolCallRequested)
-        return await logic.search_knowledge(deps, event)
-
-    async def on_any(event: Envelope, _: Delivery) -> list[Outgoing]:
-        return await logic.record(deps, event)
-
     topics = runtime.topics
-    return MemoryApp(
-        client,
+    return ServiceApp(
         [
             Subscription(
                 group=runtime.group("memory"),
                 topics=(topics.memory,),
-                handlers={MemoryRecallRequested: on_recall, ToolCallRequested: on_kb_search},
+                handlers={
+                    MemoryRecallRequested: on(partial(logic.recall, deps)),
+                    ToolCallRequested: on(partial(logic.search_knowledge, deps)),
+                },
             ),
             Subscription(
-                group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on_any, observer=True
+                group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on(partial(logic.record, deps)),
+                observer=True,
             ),
         ],
+        on_close=client.close,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.envelope import Envelope
 
@@ -33,6 +33,18 @@ class Outgoing:
 
 
 Handler = Callable[[Envelope, Delivery], Awaitable[list[Outgoing]]]
+
+
+def on(step: Callable[[Any], Awaitable[list[Outgoing]]]) -> Handler:
+    """Adapt a logic function of one event to a Handler.
+
+    The subscription maps each event type to its handler, so `step` only ever sees its type.
+    """
+
+    async def handler(event: Envelope, _: Delivery) -> list[Outgoing]:
+        return await step(event)
+
+    return handler
 
 
 @dataclass(frozen=True)

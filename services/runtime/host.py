@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import fakeredis
 from faststream import FastStream
@@ -87,10 +87,16 @@ class Runtime:
         return f"{self.settings.platform.namespace}.{name}"
 
 
-class ServiceApp(Protocol):
-    subscriptions: list[Subscription]
+@dataclass
+class ServiceApp:
+    """What a service's `open_service` returns: its subscriptions, and how to close its clients."""
 
-    async def close(self) -> None: ...
+    subscriptions: list[Subscription]
+    on_close: Callable[[], Awaitable[None]] | None = None
+
+    async def close(self) -> None:
+        if self.on_close is not None:
+            await self.on_close()
 
 
 ServiceFactory = Callable[..., Awaitable[ServiceApp]]

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from schemas.envelope import Envelope
 from schemas.events import ToolCallRequested
-from services.runtime.bus import Delivery, Outgoing, Subscription
-from services.runtime.host import Runtime
+from services.runtime.bus import Subscription, on
+from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import SideEffectGuard
 from services.tools import logic, registry
 from services.tools.settings import ToolsSettings
 
 
-@dataclass
-class ToolsApp:
-    subscriptions: list[Subscription] = field(default_factory=list)
-
-    async def close(self) -> None:
-        return None
-
-
-async def open_service(runtime: Runtime, **_: Any) -> ToolsApp:
+async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
     settings = ToolsSettings()
     sandbox = settings.sandbox_dir or runtime.settings.platform.data_dir / "sandbox"
     deps = logic.ToolsDeps(
@@ -38,16 +29,12 @@ async def open_service(runtime: Runtime, **_: Any) -> ToolsApp:
         timeout_s=settings.timeout_s,
     )
 
-    async def on_request(event: Envelope, _: Delivery) -> list[Outgoing]:
-        assert isinstance(event, ToolCallRequested)
-        return await logic.execute(deps, event)
-
-    return ToolsApp(
+    return ServiceApp(
         [
             Subscription(
                 group=runtime.group("tools"),
                 topics=(runtime.topics.tools,),
-                handlers={ToolCallRequested: on_request},
+                handlers={ToolCallRequested: on(partial(logic.execute, deps))},
             )
         ]
     )

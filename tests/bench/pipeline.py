@@ -29,7 +29,7 @@ from tests.support.kafka import RawProducer, TopicWatch, unique
 STANDARD_GOAL = "What is 12*7 and what is 3+4?"  # 3 tasks (2 research, 1 writing), 2 tool calls each
 HOPS = int(os.environ.get("BENCH_HOPS", "300"))
 GOALS = int(os.environ.get("BENCH_GOALS", "40"))
-console = Console()
+console = Console(width=140)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -7,6 +7,7 @@ so no service imports another.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,8 @@ from services.runtime.bus import Subscription
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
 from services.runtime.inprocess_bus import InProcessBus
-from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker, subscribe
+from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker
+from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
 from services.runtime.llm import LLMGateway
 from services.runtime.offline_model import Script
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
@@ -157,7 +159,7 @@ async def run_embedded(
     if settings.redis.url or settings.kafka.bootstrap_servers:
         log.info("embedded run: ignoring KAFKA_BOOTSTRAP_SERVERS/REDIS_URL")
     settings.redis = RedisSettings(url=None)
-    bus = InProcessBus()
+    bus = InProcessBus(settings.platform.max_in_flight)
     async with open_runtime(settings, script) as runtime, open_services(runtime, specs) as apps:
         for app in apps:
             for sub in app.subscriptions:
@@ -175,8 +177,10 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
             "REDIS_URL is not set. Services on Kafka keep their state in Redis: start it with "
             "`make infra-up` and export REDIS_URL=redis://127.0.0.1:6379/0."
         )
-    broker = make_broker(settings.kafka, client_id=f"switchboard-{'-'.join(s.name for s in specs)}")
+    client_id = f"switchboard-{'-'.join(s.name for s in specs)}"
+    broker = make_broker(settings.kafka, client_id=client_id)
     producer = KafkaProducer(broker)
+    consumers: list[ConcurrentKafkaConsumer] = []
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -184,10 +188,29 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
             runtime = await stack.enter_async_context(open_runtime(settings, script))
             await ensure_topics(settings.kafka, runtime.topics.all_topics(), settings.platform.partitions)
             apps = await stack.enter_async_context(open_services(runtime, specs))
-            for app in apps:
-                for sub in app.subscriptions:
-                    subscribe(broker, MessagePipeline(sub, producer, runtime.retry), settings.kafka)
-            log.info("serving %s on %s", [s.name for s in specs], settings.kafka.bootstrap_servers)
+            consumers[:] = [
+                ConcurrentKafkaConsumer(
+                    MessagePipeline(sub, producer, runtime.retry), settings.kafka,
+                    settings.platform.max_in_flight, client_id,
+                )
+                for app in apps
+                for sub in app.subscriptions
+            ]
             yield
 
-    return FastStream(broker, lifespan=lifespan, logger=logging.getLogger("switchboard.app"))
+    app = FastStream(broker, lifespan=lifespan, logger=logging.getLogger("switchboard.app"))
+
+    @app.after_startup
+    async def start_consuming() -> None:  # the producer is connected by now
+        for consumer in consumers:
+            await consumer.start()
+        log.info(
+            "serving %s on %s, up to %d messages in flight per group",
+            [s.name for s in specs], settings.kafka.bootstrap_servers, settings.platform.max_in_flight,
+        )
+
+    @app.on_shutdown
+    async def stop_consuming() -> None:  # before the producer closes: in-flight work may finish
+        await asyncio.gather(*(c.stop() for c in consumers))
+
+    return app

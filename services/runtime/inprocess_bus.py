@@ -1,7 +1,8 @@
 """The in-process bus: the embedded default and fast unit tests, nothing else.
 
-It keeps Kafka's semantics that the handlers rely on: every consumer group sees every
-message of its topics, and a group handles one topic's messages in the order produced.
+It keeps the semantics the handlers rely on: every consumer group sees every message of its
+topics, up to `max_in_flight` messages are handled at once per group, and messages with the same
+key are handled in the order produced (the same KeyedScheduler as the Kafka consumer).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 from services.runtime.bus import Delivery
+from services.runtime.concurrency import KeyedScheduler
 from services.runtime.pipeline import MessagePipeline
 
 log = logging.getLogger("switchboard.bus")
@@ -21,7 +24,8 @@ Observer = Callable[[Delivery], Awaitable[None]]
 
 
 class InProcessBus:
-    def __init__(self) -> None:
+    def __init__(self, max_in_flight: int = 256) -> None:
+        self.max_in_flight = max_in_flight
         self._groups: dict[str, asyncio.Queue[Delivery | None]] = {}
         self._routes: dict[str, list[str]] = defaultdict(list)
         self._workers: list[asyncio.Task[None]] = []
@@ -65,16 +69,22 @@ class InProcessBus:
         self._workers.append(asyncio.create_task(self._work(pipeline, queue), name=group))
 
     async def _work(self, pipeline: MessagePipeline, queue: asyncio.Queue[Delivery | None]) -> None:
+        scheduler = KeyedScheduler(self.max_in_flight)
         while (delivery := await queue.get()) is not None:
-            try:
-                await pipeline.process(delivery)
-            except Exception as exc:  # the embedded run reports it instead of hanging
-                log.exception("in-process delivery failed")
-                self.failures.append(exc)
-            finally:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
+            await scheduler.wait_for_room()
+            scheduler.submit((delivery.topic, delivery.key), partial(self._handle, pipeline, delivery))
+        await scheduler.wait_idle()
+
+    async def _handle(self, pipeline: MessagePipeline, delivery: Delivery) -> None:
+        try:
+            await pipeline.process(delivery)
+        except Exception as exc:  # the embedded run reports it instead of hanging
+            log.exception("in-process delivery failed")
+            self.failures.append(exc)
+        finally:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

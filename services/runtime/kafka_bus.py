@@ -1,25 +1,18 @@
-"""Kafka transport: a FastStream KafkaBroker with manual acknowledgement, and explicit topic creation.
-
-Every message is acknowledged (committed) only after the pipeline has produced its outputs,
-so delivery is at-least-once. FastStream's Kafka default, ACK_FIRST, would lose messages.
+"""Kafka transport pieces: the FastStream broker that produces (idempotent, acks=all), and explicit
+topic creation. Consuming is kafka_consumer.ConcurrentKafkaConsumer, which commits an offset only
+after the work and its outputs are done (never FastStream's ACK_FIRST default).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
-from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 
-from services.runtime.bus import Delivery
-from services.runtime.errors import ConfigurationError, TransportFailure
-from services.runtime.pipeline import MessagePipeline
+from services.runtime.errors import ConfigurationError
 from services.runtime.settings import KafkaSettings
 
 log = logging.getLogger("switchboard.kafka")
@@ -46,48 +39,6 @@ class KafkaProducer:
         self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]
     ) -> None:
         await self.broker.publish(value, topic=topic, key=key, headers=dict(headers))
-
-
-async def _raw_body(message: Any) -> bytes:
-    """Hand the handler the bytes exactly as produced; decoding is the pipeline's job."""
-    body: bytes = message.body
-    return body
-
-
-def subscribe(broker: KafkaBroker, pipeline: MessagePipeline, kafka: KafkaSettings) -> None:
-    sub = pipeline.subscription
-
-    async def on_message(body: bytes, msg: KafkaMessage) -> None:
-        record: ConsumerRecord[Any, Any] = msg.raw_message
-        delivery = Delivery(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=body,
-            headers={k: v.decode(errors="replace") for k, v in (record.headers or ())},
-            timestamp_ms=record.timestamp,
-            group=sub.group,
-        )
-        try:
-            await pipeline.process(delivery)
-        except TransportFailure:
-            # Outputs could not be produced even after retrying for minutes. Committing would
-            # skip this message and anything after it; stop the process instead so that the
-            # group redelivers it once the broker is back.
-            log.critical("cannot produce outputs; exiting without committing", exc_info=True)
-            os._exit(75)
-        await msg.ack()
-
-    broker.subscriber(
-        *sub.topics,
-        group_id=sub.group,
-        ack_policy=AckPolicy.MANUAL,
-        auto_offset_reset="earliest",
-        session_timeout_ms=kafka.session_timeout_ms,
-        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-        decoder=_raw_body,
-    )(on_message)
 
 
 async def topic_partitions(kafka: KafkaSettings, topics: list[str]) -> list[TopicPartition]:

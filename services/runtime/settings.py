@@ -29,6 +29,8 @@ class PlatformSettings(BaseSettings):
     agents_dir: Path | None = None
     """Directory of agent kind definitions (*.toml) and their prompt files (<name>.v<N>.md);
     defaults to the packaged services/agents/kinds and services/agents/prompts."""
+    max_in_flight: int = Field(default=256, ge=1)
+    """Messages one consumer group member works on at once, whatever the partition count."""
     log_level: str = "INFO"
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
@@ -40,6 +42,10 @@ class KafkaSettings(BaseSettings):
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 2_000
     replication_factor: int = 1
+    revoke_grace_s: float = Field(default=10.0, ge=0)
+    """On rebalance, how long in-flight work of revoked partitions may run on before it is abandoned."""
+    commit_interval_ms: int = Field(default=100, ge=0)
+    """Completions are gathered for this long into one offset commit."""
 
     def require(self) -> str:
         if not self.bootstrap_servers:

@@ -191,7 +191,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
             consumers[:] = [
                 ConcurrentKafkaConsumer(
                     MessagePipeline(sub, producer, runtime.retry), settings.kafka,
-                    settings.platform.max_in_flight, client_id,
+                    settings.platform.max_in_flight, client_id, settings.platform.status_interval_s,
                 )
                 for app in apps
                 for sub in app.subscriptions

@@ -33,12 +33,18 @@ from services.runtime.settings import KafkaSettings
 
 log = logging.getLogger("switchboard.consumer")
 
-STATUS_EVERY_S = 5.0
-
 
 class ConcurrentKafkaConsumer:
-    def __init__(self, pipeline: MessagePipeline, kafka: KafkaSettings, max_in_flight: int, client_id: str) -> None:
+    def __init__(
+        self,
+        pipeline: MessagePipeline,
+        kafka: KafkaSettings,
+        max_in_flight: int,
+        client_id: str,
+        status_interval_s: float = 5.0,
+    ) -> None:
         self.pipeline = pipeline
+        self.status_interval_s = status_interval_s
         self.kafka = kafka
         self.group = pipeline.subscription.group
         self.scheduler = KeyedScheduler(max_in_flight)
@@ -152,7 +158,7 @@ class ConcurrentKafkaConsumer:
 
     def _report(self) -> None:
         now = time.monotonic()
-        if self.in_flight and now - self._last_status >= STATUS_EVERY_S:
+        if self.in_flight and now - self._last_status >= self.status_interval_s:
             self._last_status = now
             log.info("%s: %d in flight (peak %d)", self.group, self.in_flight, self.scheduler.peak)
 

@@ -17,6 +17,7 @@ from litellm.router import Router
 from schemas.envelope import Envelope
 from schemas.events import LLMCallRecorded
 from services.runtime.errors import ConfigurationError, Retryable
+from services.runtime.latency import Latency
 from services.runtime.offline_model import PROVIDER, OfflineModel, Script, load_script
 from services.runtime.prompts import Prompt
 from services.runtime.settings import LLMSettings
@@ -68,7 +69,7 @@ class LLMGateway:
         self.instance = instance
         if script is None and settings.offline_script:
             script = load_script(settings.offline_script)
-        self.offline = OfflineModel(latency_ms=settings.offline_latency_ms, script=script)
+        self.offline = OfflineModel(latency=Latency.parse(settings.offline_latency_ms), script=script)
         # LiteLLM keeps providers in a module-level list; replace ours rather than append.
         litellm.custom_provider_map = [
             item for item in litellm.custom_provider_map if item.get("provider") != PROVIDER

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import random
 import re
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from litellm import ModelResponse
 from litellm.llms.custom_llm import CustomLLM
 
 from services.runtime.errors import ConfigurationError
+from services.runtime.latency import Latency
 
 PROVIDER = "offline"
 _EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:[-+*/^%][\s(]*[-(]*\d[\d.\s)]*)+")
@@ -162,11 +164,12 @@ def default_turn(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
 class OfflineModel(CustomLLM):
     """Registered with LiteLLM as the `offline/...` provider."""
 
-    def __init__(self, latency_ms: float = 0.0, script: Script | None = None) -> None:
+    def __init__(self, latency: Latency | None = None, script: Script | None = None) -> None:
         super().__init__()
-        self.latency_ms = latency_ms
+        self.latency = latency or Latency("fixed", 0.0)
         self.script = script
         self.calls = 0
+        self._rng = random.Random()
 
     def decide(self, messages: list[dict[str, Any]], tools: list[str]) -> Turn:
         return (self.script or default_turn)(messages, tools)
@@ -178,8 +181,9 @@ class OfflineModel(CustomLLM):
         started = time.perf_counter()
         self.calls += 1
         turn = self.decide(plain, tools)
-        if self.latency_ms:
-            remaining = self.latency_ms / 1000 - (time.perf_counter() - started)
+        delay_ms = self.latency.sample_ms(self._rng)
+        if delay_ms:  # the simulated provider latency: the call is slow, the process is not blocked
+            remaining = delay_ms / 1000 - (time.perf_counter() - started)
             if remaining > 0:
                 await asyncio.sleep(remaining)
         message: dict[str, Any] = {"role": "assistant", "content": turn.content}

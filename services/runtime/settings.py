@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.runtime.errors import ConfigurationError
+from services.runtime.latency import Latency
 
 
 def settings_config(prefix: str) -> SettingsConfigDict:
@@ -32,6 +33,8 @@ class PlatformSettings(BaseSettings):
     max_in_flight: int = Field(default=256, ge=1)
     """Messages one consumer group member works on at once, whatever the partition count."""
     log_level: str = "INFO"
+    status_interval_s: float = Field(default=5.0, gt=0)
+    """How often a busy consumer logs its in-flight count."""
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
@@ -81,14 +84,21 @@ class LLMSettings(BaseSettings):
     timeout_s: float = 60.0
     fallbacks: Annotated[list[dict[str, list[str]]], NoDecode] = Field(default_factory=list)
     """LiteLLM Router fallbacks, as JSON: [{"gpt-4o": ["claude-3-5-sonnet"]}]."""
-    offline_latency_ms: float = Field(default=0.0, ge=0)
-    """Simulated latency of the offline model, for realistic slow calls without a provider."""
+    offline_latency_ms: str = "0"
+    """Simulated latency of each offline-model call: "500", "uniform:200:800", "exponential:500"
+    or "normal:500:100" (milliseconds). For realistic slow calls without a provider."""
     offline_script: str | None = None
     """`module:function` that decides each offline turn (the scripted form of the offline model)."""
     embedding_model: str | None = None
     """A LiteLLM embedding model; unset means the offline hashing embedder."""
     embedding_dim: int = 1536
     """Vector size of `embedding_model` (the hashing embedder uses 384)."""
+
+    @field_validator("offline_latency_ms")
+    @classmethod
+    def _valid_latency(cls, value: str) -> str:
+        Latency.parse(value)  # raises with the accepted forms
+        return value
 
     @field_validator("fallbacks", mode="before")
     @classmethod

@@ -86,15 +86,18 @@ class Deployment:
         [description] = response.to_object()["groups"]
         return len(description["members"]) if description["state"] == "Stable" else 0
 
-    def wait_for_members(self, expected: dict[str, int], timeout: float = 120) -> None:
-        """Block until every consumer group has its members and a settled assignment."""
+    async def members_settled(self, expected: dict[str, int], timeout: float = 120) -> None:
+        """Wait until every consumer group has its members and a settled assignment."""
 
         async def settled() -> bool:
             self.assert_alive()
             counts = [await self.members(group) for group in expected]
             return counts == list(expected.values())
 
-        asyncio.run(eventually(settled, timeout=timeout, interval=0.5))
+        await eventually(settled, timeout=timeout, interval=0.5)
+
+    def wait_for_members(self, expected: dict[str, int], timeout: float = 120) -> None:
+        asyncio.run(self.members_settled(expected, timeout))
 
 
 def make_deployment(root: Path, partitions: int = 4, **extra: str) -> Deployment:

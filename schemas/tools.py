@@ -7,6 +7,7 @@ executors validate again on receipt. Implementations live in the executing servi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,7 +38,7 @@ class SaveNoteArgs(ToolArgs):
 Executor = Literal["tools", "memory"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # cached_property needs the instance __dict__ that frozen dataclasses keep
 class ToolSpec:
     name: str
     description: str
@@ -45,8 +46,9 @@ class ToolSpec:
     executor: Executor = "tools"
     side_effect: bool = False
 
+    @cached_property
     def openai_schema(self) -> dict[str, Any]:
-        """The function-calling schema a model sees."""
+        """The function-calling schema a model sees (built once: it is on every model call)."""
         return {
             "type": "function",
             "function": {

@@ -128,7 +128,6 @@ async def resume_with_memories(deps: AgentDeps, event: MemoryRecallCompleted) ->
     async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
         if cp is None or cp.status != "recalling" or event.request_id != f"{event.task_id}:recall":
             return None, []  # stale or duplicate
-        cp = cp.model_copy(deep=True)
         cp.messages = [task_message(cp.assignment, event.hits, deps.tool_output_chars)]
         return cp, await think(deps, cp, event)
 
@@ -140,7 +139,6 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
     async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
         if cp is None or cp.status != "waiting_tools":
             return None, []
-        cp = cp.model_copy(deep=True)
         pending = next((p for p in cp.pending if p.call_id == event.call_id and p.result is None), None)
         if pending is None:
             return None, []  # a duplicate result, or one for an earlier step
@@ -163,7 +161,7 @@ async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoin
     task = cp.assignment
     task_id = task.task_id or ""
     outputs: list[Outgoing] = []
-    tools = [TOOL_SPECS[name].openai_schema() for name in deps.kind.tools]
+    tools = [TOOL_SPECS[name].openai_schema for name in deps.kind.tools]
     while True:
         if cp.step >= deps.max_steps:
             return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]

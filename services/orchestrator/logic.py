@@ -164,8 +164,6 @@ async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | Task
         record = next((t for t in state.tasks.values() if t.task_id == event.task_id), None)
         if record is None or record.status in ("completed", "failed"):
             return None, []
-        state = state.model_copy(deep=True)
-        record = next(t for t in state.tasks.values() if t.task_id == event.task_id)
         if isinstance(event, TaskFailed):
             record.status = "failed"
             state.status = "failed"

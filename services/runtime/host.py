@@ -17,7 +17,7 @@ from typing import Any
 
 import fakeredis
 from faststream import FastStream
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from memory.keys import RedisKeys
 from schemas.topics import Topics
@@ -123,7 +123,10 @@ class ServiceSpec:
 async def open_runtime(settings: Settings, script: Script | None = None) -> AsyncIterator[Runtime]:
     catalogue = AgentCatalogue.load(settings.platform.agents_dir)
     if settings.redis.url:
-        redis: Redis = Redis.from_url(settings.redis.url)
+        pool = BlockingConnectionPool.from_url(
+            settings.redis.url, max_connections=settings.redis.max_connections, timeout=settings.redis.pool_timeout_s
+        )
+        redis: Redis = Redis.from_pool(pool)  # closes the pool with the client
     else:
         redis = fakeredis.FakeAsyncRedis()
     runtime = Runtime(

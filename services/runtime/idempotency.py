@@ -74,8 +74,9 @@ class StepLedger(Generic[L]):
     ) -> list[Outgoing]:
         """Run `step` on the current state unless `event_id` was applied; save, then return outputs.
 
-        `step` returns the new state (None: nothing to save) and the outputs. The state is saved
-        before the outputs are produced, so a crash in between is repaired by `replay`.
+        `step` returns the new state (None: nothing to save) and the outputs. It may change the
+        state it is given in place: that object was loaded for this call alone. The state is
+        saved before the outputs are produced, so a crash in between is repaired by `replay`.
         """
         state = await self.store.load(key)
         if state is not None:

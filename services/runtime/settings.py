@@ -65,6 +65,10 @@ class RedisSettings(BaseSettings):
 
     url: str | None = None
     """None means an in-process store (embedded mode only)."""
+    max_connections: int = Field(default=64, ge=1)
+    """Connections per process. Handlers beyond it wait for one (up to `pool_timeout_s`), so many
+    messages in flight share a bounded pool instead of failing with 'Too many connections'."""
+    pool_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class QdrantSettings(BaseSettings):

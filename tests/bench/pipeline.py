@@ -1,4 +1,4 @@
-"""`make bench`: the platform's per-step overhead and goal throughput on the real local Kafka and Redis.
+"""`make bench`: per-step overhead, goal throughput and memory on the real local Kafka and Redis.
 
 Speed is measured here, never asserted in tests. Every number is printed beside a baseline
 measured in the same run on the same machine: a raw aiokafka consume -> produce -> commit hop.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -19,16 +18,18 @@ from faststream import TestApp
 from rich.console import Console
 from rich.table import Table
 
-from schemas.events import GoalCompleted, GoalSubmitted, TaskAssigned, ToolCallCompleted, ToolCallRequested
+from schemas.events import TaskAssigned, ToolCallCompleted, ToolCallRequested
 from schemas.topics import Topics
 from services.runtime.host import ServiceSpec, Settings, kafka_app
 from services.runtime.kafka_bus import ensure_topics
 from services.runtime.settings import KafkaSettings, LLMSettings, PlatformSettings, QdrantSettings, RedisSettings
+from tests.bench.throughput import STANDARD_GOAL, measure
 from tests.support.kafka import RawProducer, TopicWatch, unique
 
-STANDARD_GOAL = "What is 12*7 and what is 3+4?"  # 3 tasks (2 research, 1 writing), 2 tool calls each
 HOPS = int(os.environ.get("BENCH_HOPS", "300"))
-GOALS = int(os.environ.get("BENCH_GOALS", "40"))
+# BENCH_ONLY=0/256,500/256 limits the matrix to those (latency/in-flight) pairs, for a quick look.
+ONLY = {tuple(p.split("/")) for p in os.environ.get("BENCH_ONLY", "").split(",") if p}
+ONLY = {(lat, int(inf)) for lat, inf in ONLY}
 console = Console(width=140)
 
 
@@ -50,8 +51,12 @@ async def timed_hops(send: Callable[[int], Awaitable[None]], received: asyncio.Q
     return latencies
 
 
-async def raw_baseline(kafka: KafkaSettings, n: int) -> list[float]:
-    """aiokafka alone: consume from A, produce to B, commit; the driver waits for B."""
+async def raw_baseline(kafka: KafkaSettings, n: int) -> tuple[list[float], float]:
+    """aiokafka alone: consume from A, produce to B, commit; the driver waits for B.
+
+    Returns the latencies of n sequential round trips (ms), and the throughput (messages/s) of
+    n * 10 messages sent at once.
+    """
     ns = unique("bench-raw")
     a, b = f"{ns}.a", f"{ns}.b"
     await ensure_topics(kafka, [a, b], 3)
@@ -76,7 +81,14 @@ async def raw_baseline(kafka: KafkaSettings, n: int) -> list[float]:
 
     tasks = [asyncio.create_task(run_echo()), asyncio.create_task(run_reader())]
     try:
-        return await timed_hops(lambda i: producer.send_and_wait(a, str(i).encode(), key=str(i).encode()), received, n)
+        latencies = await timed_hops(lambda i: producer.send_and_wait(a, str(i).encode(), key=str(i).encode()), received, n)
+        burst = n * 10
+        started = time.perf_counter()
+        sends = [await producer.send(a, str(n + i).encode(), key=str(i).encode()) for i in range(burst)]
+        await asyncio.gather(*sends)
+        for _ in range(burst):
+            await received.get()
+        return latencies, burst / (time.perf_counter() - started)
     finally:
         for task in tasks:
             task.cancel()
@@ -136,21 +148,13 @@ def task_request(i: int, t: Topics) -> tuple[str, TaskAssigned]:
     )
 
 
-async def goal_throughput(settings: Settings, goals: int) -> tuple[float, float, int]:
-    """Goals/s and steps/s for the standard goal, every service in one process on Kafka."""
-    t = Topics(settings.platform.namespace, ("researcher", "writer"))
-    specs = [ServiceSpec("orchestrator"), ServiceSpec("agent", {"kind": "researcher"}), ServiceSpec("agent", {"kind": "writer"}), ServiceSpec("tools"), ServiceSpec("memory")]
-    async with TestApp(kafka_app(specs, settings)), TopicWatch(settings.kafka, [t.progress, t.llm_calls]) as watch, RawProducer(settings.kafka) as send:
-        warm = GoalSubmitted(tenant="bench", goal_id="g-warm", text=STANDARD_GOAL)
-        await send.event(t.goals, warm)
-        await watch.event(GoalCompleted, goal_id="g-warm", timeout=120)
-        started = time.perf_counter()
-        for i in range(goals):
-            await send.event(t.goals, GoalSubmitted(tenant="bench", goal_id=f"g-{i}", text=STANDARD_GOAL))
-        await watch.wait_for(lambda s: isinstance(s.event, GoalCompleted) and s.event.goal_id != "g-warm", count=goals, timeout=600)
-        elapsed = time.perf_counter() - started
-        steps = sum(1 for s in watch.seen if s.topic == t.llm_calls and s.event and s.event.goal_id != "g-warm")
-    return goals / elapsed, steps / elapsed, steps
+MATRIX = [
+    # (model latency, in-flight limit, replicas, goals submitted at once)
+    (latency, in_flight, replicas, goals)
+    for latency, sizes in (("0", {1: 10, 16: 40, 256: 150}), ("500", {1: 4, 16: 32, 256: 150}))
+    for in_flight, goals in sizes.items()
+    for replicas in (1, 2)
+]
 
 
 async def main() -> None:
@@ -160,35 +164,53 @@ async def main() -> None:
         raise SystemExit("make bench starts the local Kafka and Redis; set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL to run it by hand")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        console.print(f"[dim]raw aiokafka baseline: {HOPS} sequential hops…[/]")
-        raw = await raw_baseline(kafka, HOPS)
+        console.print(f"[dim]raw aiokafka baseline: {HOPS} sequential round trips, then {HOPS * 10} at once…[/]")
+        raw, raw_rate = await raw_baseline(kafka, HOPS)
         console.print("[dim]tool executor step…[/]")
         tool = await platform_hops(bench_settings(kafka, redis, data), ServiceSpec("tools"), HOPS, tool_request, ToolCallCompleted)
         console.print("[dim]agent step (checkpoint + LLM gateway, model latency 0)…[/]")
         os.environ["AGENT_RECALL_K"] = "0"  # the agent goes straight to its model call
         agent = await platform_hops(bench_settings(kafka, redis, data), ServiceSpec("agent", {"kind": "researcher"}), HOPS, task_request, ToolCallRequested)
         del os.environ["AGENT_RECALL_K"]
-        console.print(f"[dim]{GOALS} standard goals, every service in one process…[/]")
-        goals_s, steps_s, steps = await goal_throughput(bench_settings(kafka, redis, data), GOALS)
+        runs = []
+        for n, (latency, in_flight, replicas, goals) in enumerate(MATRIX):
+            if ONLY and (latency, in_flight) not in ONLY:
+                continue
+            console.print(f"[dim]{goals} standard goals, model {latency} ms, {in_flight} in flight, {replicas} replica(s)…[/]")
+            runs.append(await measure(data / f"run-{n}", latency, in_flight, replicas, goals))
 
     raw50, raw99 = percentile(raw, 0.5), percentile(raw, 0.99)
-    table = Table(title="Switchboard on local Kafka + Redis, offline model at 0 ms (same run, same machine)")
-    for column in ("measure", "p50 ms", "p99 ms", "p50 / raw", "p99 / raw", "overhead p50 ms", "overhead p99 ms"):
-        table.add_column(column, justify="right" if column != "measure" else "left")
-    table.add_row("raw aiokafka hop", f"{raw50:.2f}", f"{raw99:.2f}", "1.00", "1.00", "-", "-")
+    table = Table(title="Switchboard on the local Kafka + Redis, offline model (one run, one machine)")
+    for column in ("measure", "setting", "result", "vs raw aiokafka"):
+        table.add_column(column)
+    table.add_row("raw aiokafka round trip", "produce→consume→produce→commit, sequential", f"p50 {raw50:.2f} ms, p99 {raw99:.2f} ms", "baseline")
+    table.add_row("raw aiokafka throughput", f"{HOPS * 10} messages at once", f"{raw_rate:,.0f} msg/s", "baseline")
     for name, values in (("tool executor step", tool), ("agent step", agent)):
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-        table.add_row(name, f"{p50:.2f}", f"{p99:.2f}", f"{p50 / raw50:.2f}", f"{p99 / raw99:.2f}", f"{p50 - raw50:.2f}", f"{p99 - raw99:.2f}")
+        table.add_row(
+            f"{name} overhead", "model latency 0, sequential",
+            f"p50 {p50:.2f} ms (+{p50 - raw50:.2f}), p99 {p99:.2f} ms (+{p99 - raw99:.2f})",
+            f"×{p50 / raw50:.2f} p50, ×{p99 / raw99:.2f} p99",
+        )
+    for run in runs:
+        table.add_row(
+            "standard goal throughput",
+            f"model {run.latency} ms, {run.in_flight} in flight, {run.replicas} replica(s), {run.goals} goals",
+            f"{run.goals_per_s:.2f} goals/s, {run.steps_per_s:.1f} model steps/s",
+            f"{run.steps_per_s / raw_rate:.3f} of raw msg/s",
+        )
+    for run in runs:
+        if run.in_flight == 256 and run.latency == "500":
+            table.add_row(
+                "resident memory per replica", f"{run.in_flight} in flight, {run.replicas} replica(s)",
+                ", ".join(f"{mb:.0f} MiB" for mb in run.rss_mb), "-",
+            )
     console.print(table)
     console.print(
-        "raw aiokafka hop: consume, produce, commit. tool executor step: the same hop through the platform "
-        "(decode, validate, allowlist, calculator, produce, commit). agent step: task assignment -> checkpoint "
-        "in Redis -> model call through the LiteLLM gateway -> tool requests produced -> commit."
-    )
-    console.print(
-        f"standard goal ({STANDARD_GOAL!r}: 3 tasks, 2 tool calls each), {GOALS} goals submitted at once: "
-        f"[bold]{goals_s:.2f} goals/s[/], {steps_s:.1f} model steps/s ({steps} steps). "
-        f"Raw hop throughput for comparison: {1000 / statistics.mean(raw):.0f} sequential hops/s."
+        "A round trip and a step are each measured the same way: send one request, wait for its reply. The agent "
+        "step is task assignment -> checkpoint in Redis -> model call through the LiteLLM gateway -> tool requests "
+        "produced -> commit. The standard goal is " + repr(STANDARD_GOAL) + ": 3 tasks, 2 tool calls each, 8 model "
+        "calls in all (plan, 2 per task, answer). Replicas are `switchboard serve all` processes."
     )
 
 

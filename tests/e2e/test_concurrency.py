@@ -9,7 +9,7 @@ from pathlib import Path
 
 from schemas.events import GoalCompleted, GoalSubmitted, LLMCallRecorded
 from schemas.topics import Topics
-from tests.e2e.conftest import Deployment, make_deployment
+from tests.support.deployment import Deployment, make_deployment
 from tests.support.kafka import RawProducer, TopicWatch, eventually
 
 KINDS = ("researcher", "writer")

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DLQ_SUFFIX = ".dlq"
+RETRY_INFIX = ".retry."
 
 
 @dataclass(frozen=True)
 class Topics:
     namespace: str
     agent_kinds: tuple[str, ...]
+    retry_levels: int = 3
+    """How many retry topics (`<topic>.retry.1` ...) each consumed topic has."""
 
     @property
     def goals(self) -> str:
@@ -43,7 +46,22 @@ class Topics:
 
     @staticmethod
     def dlq(topic: str) -> str:
-        return topic + DLQ_SUFFIX
+        return Topics.origin(topic) + DLQ_SUFFIX
+
+    @staticmethod
+    def retry(topic: str, level: int) -> str:
+        """Where a message of `topic` waits out its `level`-th backoff."""
+        return f"{Topics.origin(topic)}{RETRY_INFIX}{level}"
+
+    @staticmethod
+    def origin(topic: str) -> str:
+        """The topic a retry topic belongs to (a work topic is its own origin)."""
+        base, infix, level = topic.rpartition(RETRY_INFIX)
+        return base if infix and level.isdigit() else topic
+
+    def with_retries(self, topics: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """The topics plus their retry topics: what a consumer group subscribes to."""
+        return tuple(topics) + tuple(self.retry(t, n) for t in topics for n in range(1, self.retry_levels + 1))
 
     def work_topics(self) -> list[str]:
         """Every topic that carries a goal's events (not dead-letter topics)."""
@@ -58,4 +76,4 @@ class Topics:
 
     def all_topics(self) -> list[str]:
         work = self.work_topics()
-        return work + [self.dlq(t) for t in work]
+        return list(self.with_retries(work)) + [self.dlq(t) for t in work]

@@ -12,7 +12,7 @@ import importlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fakeredis
@@ -21,7 +21,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from memory.keys import RedisKeys
 from schemas.topics import Topics
-from services.runtime.bus import Subscription
+from services.runtime.bus import Producer, Subscription
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
 from services.runtime.inprocess_bus import InProcessBus
@@ -88,6 +88,11 @@ class Runtime:
     def group(self, name: str) -> str:
         return f"{self.settings.platform.namespace}.{name}"
 
+    def pipeline(self, subscription: Subscription, producer: Producer) -> MessagePipeline:
+        """The pipeline a consumer feeds: the group also reads its topics' retry topics."""
+        with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
+        return MessagePipeline(with_retries, producer, self.retry)
+
 
 @dataclass
 class ServiceApp:
@@ -129,13 +134,15 @@ async def open_runtime(settings: Settings, script: Script | None = None) -> Asyn
         redis: Redis = Redis.from_pool(pool)  # closes the pool with the client
     else:
         redis = fakeredis.FakeAsyncRedis()
+    platform = settings.platform
     runtime = Runtime(
         settings=settings,
-        topics=Topics(settings.platform.namespace, catalogue.names),
-        keys=RedisKeys(settings.platform.namespace),
+        topics=Topics(platform.namespace, catalogue.names, retry_levels=platform.retry_attempts - 1),
+        keys=RedisKeys(platform.namespace),
         catalogue=catalogue,
         redis=redis,
         script=script,
+        retry=RetryPolicy(platform.retry_attempts, platform.retry_backoff_s, platform.retry_backoff_max_s),
     )
     try:
         yield runtime
@@ -166,7 +173,7 @@ async def run_embedded(
     async with open_runtime(settings, script) as runtime, open_services(runtime, specs) as apps:
         for app in apps:
             for sub in app.subscriptions:
-                bus.subscribe(MessagePipeline(sub, bus, runtime.retry))
+                bus.subscribe(runtime.pipeline(sub, bus))
         try:
             yield bus, runtime
         finally:
@@ -193,7 +200,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
             apps = await stack.enter_async_context(open_services(runtime, specs))
             consumers[:] = [
                 ConcurrentKafkaConsumer(
-                    MessagePipeline(sub, producer, runtime.retry), settings.kafka,
+                    runtime.pipeline(sub, producer), settings.kafka,
                     settings.platform.max_in_flight, client_id, settings.platform.status_interval_s,
                 )
                 for app in apps

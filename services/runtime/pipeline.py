@@ -1,28 +1,26 @@
 """The one path every consumed message takes, on Kafka and on the in-process bus alike.
 
-decode -> handle (with bounded retries for transient errors) -> produce outputs -> return.
-The transport commits only after `process` returns. Poison and permanent failures go to the
-topic's dead-letter topic with their reason; the consumer keeps going.
+decode -> handle -> produce outputs -> return. The transport commits only after `process`
+returns. A transient failure sends the message to `<topic>.retry.<n>` to wait out its backoff
+there, so it holds back neither its partition nor the commits of other keys; after the last
+attempt, or on a permanent failure or a poison message, it goes to `<topic>.dlq` with its reason.
+The consumer keeps going.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import (
-    AsyncRetrying,
-    RetryError,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, stop_after_delay, wait_exponential_jitter
 
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, decode_event
@@ -35,6 +33,10 @@ log = logging.getLogger("switchboard.pipeline")
 
 MAX_MESSAGE_BYTES = 1_000_000
 TRACEPARENT = "traceparent"
+ATTEMPT = "x-attempt"
+RETRY_DUE_MS = "x-retry-due-ms"
+RETRY_GROUP = "x-retry-group"
+ORIGIN = ("x-origin-topic", "x-origin-partition", "x-origin-offset", "x-origin-timestamp")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -43,16 +45,26 @@ def _is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """In-process retry of transient failures. Bounded; the retry-topic path replaces it later."""
+    """Attempts for transient failures, and the backoff each retry waits out in a retry topic."""
 
     attempts: int = 4
-    initial_s: float = 0.2
-    max_s: float = 5.0
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def backoff(self, level: int, rng: random.Random) -> float:
+        """Exponential backoff with jitter for the `level`-th retry (1-based)."""
+        exponential: float = self.backoff_s * 2.0 ** (level - 1)
+        return min(self.max_backoff_s, exponential) + rng.uniform(0, self.backoff_s)
 
 
 @dataclass(frozen=True)
 class Rejection:
     reason: DeadLetterReason
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class RetryLater:
     error: BaseException
 
 
@@ -71,6 +83,13 @@ def classify_undecodable(raw: bytes, error: Exception) -> DeadLetterReason:
     return "schema_invalid"
 
 
+def attempt_of(delivery: Delivery) -> int:
+    try:
+        return max(1, int(delivery.headers.get(ATTEMPT, "1")))
+    except ValueError:
+        return 1
+
+
 class MessagePipeline:
     def __init__(
         self,
@@ -83,6 +102,7 @@ class MessagePipeline:
         self.producer = producer
         self.retry = retry or RetryPolicy()
         self.publish_deadline_s = publish_deadline_s
+        self._rng = random.Random()
 
     async def process(self, delivery: Delivery) -> None:
         """Handle one message completely. Returns when it may be committed.
@@ -90,6 +110,10 @@ class MessagePipeline:
         Raises TransportFailure when outputs could not be produced: the caller must then
         not commit this message (it will be redelivered).
         """
+        owner = delivery.headers.get(RETRY_GROUP)
+        if owner is not None and owner != self.subscription.group:
+            return  # a retry of another consumer group that reads the same topic
+        await self._wait_until_due(delivery)
         event, rejection = self._decode(delivery)
         if rejection is not None and self.subscription.observer:
             log.warning(
@@ -98,12 +122,30 @@ class MessagePipeline:
             )
             return
         if rejection is None and event is not None:
-            rejection, outputs = await self._handle(event, delivery)
-            if rejection is None:
-                await self._produce(outputs, delivery)
+            outcome = await self._handle(event, delivery)
+            if isinstance(outcome, list):
+                await self._produce(outcome, delivery)
                 return
+            if isinstance(outcome, RetryLater):
+                await self.retry_later(delivery, outcome.error)
+                return
+            rejection = outcome
         assert rejection is not None
         await self.dead_letter(delivery, rejection, event)
+
+    @staticmethod
+    async def _wait_until_due(delivery: Delivery) -> None:
+        """A retried message waits out its backoff here. It holds one in-flight slot and the
+        commits of its retry partition (whose messages are waiting too), never its origin's."""
+        due_ms = delivery.headers.get(RETRY_DUE_MS)
+        if due_ms is None:
+            return
+        try:
+            delay = int(due_ms) / 1000 - time.time()
+        except ValueError:
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _decode(self, delivery: Delivery) -> tuple[Envelope | None, Rejection | None]:
         if len(delivery.value) > MAX_MESSAGE_BYTES:
@@ -114,34 +156,47 @@ class MessagePipeline:
             return None, Rejection(classify_undecodable(delivery.value, exc), exc)
         return event, None
 
-    async def _handle(
-        self, event: Envelope, delivery: Delivery
-    ) -> tuple[Rejection | None, list[Outgoing]]:
+    async def _handle(self, event: Envelope, delivery: Delivery) -> list[Outgoing] | RetryLater | Rejection:
         handler = self.subscription.handler_for(event)
         if handler is None:
             exc = ValueError(f"{event.event_type} is not handled by {self.subscription.group}")
-            return Rejection("unknown_event", exc), []
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(multiplier=self.retry.initial_s, max=self.retry.max_s, jitter=self.retry.initial_s),
-            retry=retry_if_exception(_is_transient),
-            reraise=False,
-        )
+            return Rejection("unknown_event", exc)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return None, await handler(event, delivery)
-        except RetryError as exc:
-            cause = exc.last_attempt.exception() or exc
-            log.warning("retries exhausted for %s: %r", event.event_type, cause)
-            return Rejection("retries_exhausted", cause), []
+            return await handler(event, delivery)
         except Permanent as exc:
             log.warning("permanent failure (%s) for %s: %s", exc.reason, event.event_type, exc)
-            return Rejection(exc.reason, exc), []
-        except Exception as exc:  # a bug must not stop the partition: it is dead-lettered instead
-            log.exception("handler for %s raised", event.event_type)
-            return Rejection("retries_exhausted", exc), []
-        raise AssertionError("unreachable")
+            return Rejection(exc.reason, exc)
+        except Exception as exc:
+            if not _is_transient(exc):
+                # A bug: trying again cannot help, and it must not stop the partition.
+                log.exception("handler for %s raised", event.event_type)
+                return Rejection("retries_exhausted", exc)
+            if attempt_of(delivery) >= self.retry.attempts:
+                log.warning("retries exhausted for %s: %r", event.event_type, exc)
+                return Rejection("retries_exhausted", exc)
+            return RetryLater(exc)
+
+    async def retry_later(self, delivery: Delivery, error: BaseException) -> None:
+        """Park the message, unchanged, in the retry topic of its attempt, due after a backoff."""
+        attempt = attempt_of(delivery)
+        delay = self.retry.backoff(attempt, self._rng)
+        headers = dict(delivery.headers)
+        for name, value in zip(
+            ORIGIN, (delivery.topic, delivery.partition, delivery.offset, delivery.timestamp_ms), strict=True
+        ):
+            headers.setdefault(name, str(value))
+        headers.update(
+            {
+                ATTEMPT: str(attempt + 1),
+                RETRY_DUE_MS: str(int((time.time() + delay) * 1000)),
+                RETRY_GROUP: self.subscription.group,
+                "x-retry-exception-class": type(error).__name__,
+                "x-retry-exception-message": str(error)[:2_000],
+            }
+        )
+        target = Topics.retry(delivery.topic, attempt)
+        log.info("attempt %d failed (%r); retrying in %.1fs via %s", attempt, error, delay, target)
+        await self._send(target, delivery.key, delivery.value, headers)
 
     async def _produce(self, outputs: list[Outgoing], delivery: Delivery) -> None:
         parent = delivery.headers.get(TRACEPARENT)
@@ -170,17 +225,19 @@ class MessagePipeline:
         """Write the original message, untouched, to `<topic>.dlq` with headers that explain it."""
         error = rejection.error
         headers = dict(delivery.headers)
+        here = (delivery.topic, delivery.partition, delivery.offset, delivery.timestamp_ms)
+        topic, partition, offset, timestamp = (headers.get(name, str(v)) for name, v in zip(ORIGIN, here, strict=True))
         headers.update(
             {
                 "x-dlq-reason": rejection.reason,
-                "x-dlq-original-topic": delivery.topic,
-                "x-dlq-original-partition": str(delivery.partition),
-                "x-dlq-original-offset": str(delivery.offset),
-                "x-dlq-original-timestamp": str(delivery.timestamp_ms),
+                "x-dlq-original-topic": topic,
+                "x-dlq-original-partition": partition,
+                "x-dlq-original-offset": offset,
+                "x-dlq-original-timestamp": timestamp,
                 "x-dlq-consumer-group": delivery.group,
                 "x-dlq-exception-class": type(error).__name__,
                 "x-dlq-exception-message": str(error)[:2_000],
-                "x-dlq-attempts": headers.get("x-attempt", "1"),
+                "x-dlq-attempts": str(attempt_of(delivery)),
                 "x-dlq-goal-id": event.goal_id if event else _goal_id_of(delivery.value),
                 "x-dlq-trace-id": trace_id(delivery.headers.get(TRACEPARENT)) or "",
             }

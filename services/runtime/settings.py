@@ -32,6 +32,12 @@ class PlatformSettings(BaseSettings):
     defaults to the packaged services/agents/kinds and services/agents/prompts."""
     max_in_flight: int = Field(default=256, ge=1)
     """Messages one consumer group member works on at once, whatever the partition count."""
+    retry_attempts: int = Field(default=4, ge=1)
+    """Attempts a message gets for transient errors (model 429/5xx, timeouts, a Redis blip) before
+    it is dead-lettered; each retry waits in `<topic>.retry.<n>`."""
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    """First backoff; it doubles per attempt, plus random jitter of up to the same amount."""
+    retry_backoff_max_s: float = Field(default=30.0, ge=0)
     log_level: str = "INFO"
     status_interval_s: float = Field(default=5.0, gt=0)
     """How often a busy consumer logs its in-flight count."""

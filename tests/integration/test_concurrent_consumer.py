@@ -161,3 +161,42 @@ async def test_a_second_replica_takes_over_partitions_without_losing_or_repeatin
         for key, seqs in recorder.order.items():
             seen[key] += seqs
     assert {k: sorted(v) for k, v in seen.items()} == {f"k{k}": list(range(20)) for k in range(40)}, "nothing lost, nothing twice"
+
+
+async def test_a_message_in_backoff_holds_back_neither_its_partition_nor_other_keys_commits(settings: Settings) -> None:
+    from schemas.topics import Topics
+    from services.runtime.errors import Retryable
+    from services.runtime.pipeline import RetryPolicy
+
+    topic = f"{settings.platform.namespace}.backoff"
+    topics = Topics(settings.platform.namespace, (), retry_levels=1)
+    await ensure_topics(settings.kafka, [*topics.with_retries((topic,)), topic + ".dlq"], 1)
+    await produce(settings.kafka, topic, keys=10, per_key=5)  # one partition: every key shares it
+    handler = Recorder()
+    failed_once = False
+
+    async def flaky(event: Envelope, delivery: Delivery) -> list[Outgoing]:
+        nonlocal failed_once
+        if event.goal_id == "k0" and not failed_once:
+            failed_once = True
+            raise Retryable("the model answered 429")
+        return await handler(event, delivery)
+
+    producer = Producer(settings.kafka)
+    await producer.client.start()
+    group = f"{settings.platform.namespace}.group"
+    sub = Subscription(group, topics.with_retries((topic,)), {GoalSubmitted: flaky})
+    pipeline = MessagePipeline(sub, producer, RetryPolicy(attempts=2, backoff_s=4.0, max_backoff_s=4.0))
+    consumer = ConcurrentKafkaConsumer(pipeline, settings.kafka, 16, "test")
+    await consumer.start()
+    try:
+        # Everything but k0's first message is done and committed while k0 still waits out 4 s.
+        await eventually(lambda: handler.processed == 49, timeout=30)
+        await eventually(lambda: _lag_is_zero(settings, topic), timeout=30)
+        assert "k0" not in handler.order or 0 not in handler.order["k0"]
+        await eventually(lambda: 0 in handler.order.get("k0", []), timeout=30)
+    finally:
+        await consumer.stop()
+        await producer.client.stop()
+    assert handler.processed == 50
+    assert sorted(handler.order["k0"]) == list(range(5))

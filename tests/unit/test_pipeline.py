@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import time
+
 import pytest
 
 from schemas.envelope import Envelope
@@ -32,7 +34,7 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 def pipeline(handler: object, attempts: int = 3) -> tuple[MessagePipeline, RecordingProducer]:
     producer = RecordingProducer()
     sub = Subscription("t.orchestrator", ("t.goals",), {GoalSubmitted: handler})  # type: ignore[dict-item]
-    return MessagePipeline(sub, producer, RetryPolicy(attempts=attempts, initial_s=0.001, max_s=0.002)), producer
+    return MessagePipeline(sub, producer, RetryPolicy(attempts=attempts, backoff_s=0.05, max_backoff_s=0.2)), producer
 
 
 async def echo(event: Envelope, _: Delivery) -> list[Outgoing]:
@@ -75,7 +77,13 @@ async def test_a_valid_event_produces_its_outputs_on_the_same_trace() -> None:
     assert headers["traceparent"] != TRACEPARENT
 
 
-async def test_transient_failures_are_retried_then_dead_lettered_as_exhausted() -> None:
+def redelivered(sent: tuple[str, bytes | None, bytes, dict[str, str]], offset: int) -> Delivery:
+    """What the group's consumer reads back from the retry topic it was parked in."""
+    topic, key, value, headers = sent
+    return Delivery(topic, 0, offset, key, value, headers, 1_700_000_100_000, "t.orchestrator")
+
+
+async def test_a_transient_failure_waits_in_retry_topics_then_is_dead_lettered_as_exhausted() -> None:
     attempts = 0
 
     async def flaky(event: Envelope, _: Delivery) -> list[Outgoing]:
@@ -84,13 +92,52 @@ async def test_transient_failures_are_retried_then_dead_lettered_as_exhausted() 
         raise Retryable("model rate limited")
 
     pipe, producer = pipeline(flaky, attempts=3)
-    await pipe.process(delivery(GOAL.to_bytes()))
+    await pipe.process(delivery(GOAL.to_bytes(), {"traceparent": TRACEPARENT}))
+    [first] = producer.sent
+    assert first[0] == "t.goals.retry.1"
+    assert (first[1], first[2]) == (b"k1", GOAL.to_bytes())  # the message itself, unchanged
+    assert first[3]["x-attempt"] == "2" and first[3]["x-retry-group"] == "t.orchestrator"
+    assert first[3]["x-origin-topic"] == "t.goals" and first[3]["x-origin-offset"] == "41"
+
+    started = time.monotonic()
+    await pipe.process(redelivered(first, 0))  # waits out the backoff first
+    assert time.monotonic() - started >= 0.05
+    second = producer.sent[1]
+    assert second[0] == "t.goals.retry.2" and second[3]["x-attempt"] == "3"
+
+    await pipe.process(redelivered(second, 0))
     assert attempts == 3
-    [(topic, _, _, headers)] = producer.sent
-    assert topic == "t.goals.dlq"
+    topic, key, value, headers = producer.sent[2]
+    assert (topic, key, value) == ("t.goals.dlq", b"k1", GOAL.to_bytes())
     assert headers["x-dlq-reason"] == "retries_exhausted"
+    assert headers["x-dlq-attempts"] == "3"
     assert headers["x-dlq-exception-class"] == "Retryable"
     assert headers["x-dlq-goal-id"] == "g1"
+    assert (headers["x-dlq-original-topic"], headers["x-dlq-original-partition"], headers["x-dlq-original-offset"]) == ("t.goals", "2", "41")
+    assert headers["traceparent"] == TRACEPARENT
+
+
+async def test_a_retry_parked_by_another_group_is_left_to_that_group() -> None:
+    pipe, producer = pipeline(echo)
+    theirs = Delivery("t.goals.retry.1", 0, 3, b"k1", GOAL.to_bytes(), {"x-retry-group": "t.recorder", "x-attempt": "2"}, 0, "t.orchestrator")
+    await pipe.process(theirs)
+    assert producer.sent == []
+
+
+async def test_a_transient_failure_on_the_retry_succeeds_and_produces_once() -> None:
+    calls = 0
+
+    async def once_flaky(event: Envelope, d: Delivery) -> list[Outgoing]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Retryable("tool timed out")
+        return await echo(event, d)
+
+    pipe, producer = pipeline(once_flaky)
+    await pipe.process(delivery(GOAL.to_bytes()))
+    await pipe.process(redelivered(producer.sent[0], 0))
+    assert [s[0] for s in producer.sent] == ["t.goals.retry.1", "t.progress"]
 
 
 async def test_permanent_failures_are_not_retried() -> None:
@@ -129,3 +176,15 @@ async def test_an_observer_skips_what_it_cannot_decode_so_each_bad_message_is_de
     await observer.process(delivery(GOAL.to_bytes()))
     assert producer.sent == []
     assert seen == [GOAL.event_id]
+
+
+def test_retry_and_dead_letter_topic_names_come_from_the_origin_topic() -> None:
+    from schemas.topics import Topics
+
+    assert Topics.retry("sb.goals", 1) == "sb.goals.retry.1"
+    assert Topics.retry("sb.goals.retry.1", 2) == "sb.goals.retry.2"
+    assert Topics.dlq("sb.goals.retry.3") == "sb.goals.dlq"
+    assert Topics.origin("sb.agent.retry.writer") == "sb.agent.retry.writer"  # not a retry topic
+    topics = Topics("sb", ("researcher",), retry_levels=2)
+    assert topics.with_retries(("sb.tools",)) == ("sb.tools", "sb.tools.retry.1", "sb.tools.retry.2")
+    assert "sb.tools.retry.2" in topics.all_topics() and "sb.tools.retry.3" not in topics.all_topics()

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from aiokafka.errors import KafkaConnectionError
+from pydantic import ValidationError
 from rich.console import Console
 
 from schemas.events import GoalCompleted, GoalFailed, GoalSubmitted, decode_event
@@ -83,7 +84,10 @@ def run(
             finished = asyncio.Event()
 
             async def observe(delivery: Delivery) -> None:
-                shown = decode_event(delivery.value)
+                try:
+                    shown = decode_event(delivery.value)
+                except (ValidationError, ValueError):
+                    return  # not an event (a dead letter's copy of a bad message): nothing to show
                 view.show(shown)
                 if isinstance(shown, GoalCompleted | GoalFailed):
                     finished.set()

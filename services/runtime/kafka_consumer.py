@@ -58,6 +58,7 @@ class ConcurrentKafkaConsumer:
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         )
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._revoking: set[TopicPartition] = set()
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = defaultdict(set)
         self._to_commit: dict[TopicPartition, int] = {}
         self._commit_due = asyncio.Event()
@@ -104,9 +105,10 @@ class ConcurrentKafkaConsumer:
             self._resume()
             batch = await self.consumer.getmany(timeout_ms=200, max_records=self.scheduler.room)
             for tp, records in batch.items():
+                if tp not in self._offsets or tp in self._revoking:
+                    continue  # no longer ours, or being handed back: its new owner reads it
                 for record in records:
-                    if tp in self._offsets:
-                        self._start(tp, record)
+                    self._start(tp, record)
             self._report()
 
     def _pause(self) -> None:
@@ -208,11 +210,15 @@ class ConcurrentKafkaConsumer:
         owned = [tp for tp in partitions if tp in self._offsets]
         if not owned or self._stopping:
             return
-        await self._drain(owned, self.kafka.revoke_grace_s)
-        await self._commit(only=owned)
-        for tp in owned:
-            self._offsets.pop(tp, None)
-            self._tasks.pop(tp, None)
+        self._revoking.update(owned)  # start nothing new on them while their work drains
+        try:
+            await self._drain(owned, self.kafka.revoke_grace_s)
+            await self._commit(only=owned)
+        finally:
+            for tp in owned:
+                self._offsets.pop(tp, None)
+                self._tasks.pop(tp, None)
+            self._revoking.difference_update(owned)
         log.info("%s: handed back %s", self.group, sorted(f"{tp.topic}[{tp.partition}]" for tp in owned))
 
     def assigned(self, partitions: list[TopicPartition]) -> None:

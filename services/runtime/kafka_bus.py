@@ -1,6 +1,6 @@
 """Kafka transport pieces: the FastStream broker that produces (idempotent, acks=all), and explicit
 topic creation. Consuming is kafka_consumer.ConcurrentKafkaConsumer, which commits an offset only
-after the work and its outputs are done (never FastStream's ACK_FIRST default).
+after the work and its outputs are done (never FastStream's ack-before-processing default).
 """
 
 from __future__ import annotations

@@ -8,16 +8,18 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.envelope import Envelope
 from schemas.events import GoalSubmitted
-from services.runtime.bus import Delivery, Outgoing, Subscription
+from schemas.topics import Topics
+from services.runtime.bus import Delivery, Handler, Outgoing, Subscription
+from services.runtime.errors import Retryable
 from services.runtime.host import Settings
 from services.runtime.kafka_bus import ensure_topics, topic_partitions
 from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
-from services.runtime.pipeline import MessagePipeline
+from services.runtime.pipeline import MessagePipeline, RetryPolicy
 from services.runtime.settings import KafkaSettings
 from tests.support.kafka import eventually
 
@@ -80,11 +82,19 @@ async def produce(kafka: KafkaSettings, topic: str, keys: int, per_key: int) -> 
 
 
 @asynccontextmanager
-async def consuming(settings: Settings, topic: str, handler: Recorder, max_in_flight: int) -> AsyncIterator[ConcurrentKafkaConsumer]:
+async def consuming(
+    settings: Settings,
+    topic: str,
+    handler: Handler,
+    max_in_flight: int,
+    retry: RetryPolicy | None = None,
+    retry_levels: int = 0,
+) -> AsyncIterator[ConcurrentKafkaConsumer]:
     producer = Producer(settings.kafka)
     await producer.client.start()
-    sub = Subscription(f"{settings.platform.namespace}.group", (topic,), {GoalSubmitted: handler})
-    consumer = ConcurrentKafkaConsumer(MessagePipeline(sub, producer), settings.kafka, max_in_flight, "test")
+    topics = Topics(settings.platform.namespace, (), retry_levels=retry_levels).with_retries((topic,))
+    sub = Subscription(f"{settings.platform.namespace}.group", topics, {GoalSubmitted: handler})
+    consumer = ConcurrentKafkaConsumer(MessagePipeline(sub, producer, retry), settings.kafka, max_in_flight, "test")
     await consumer.start()
     try:
         yield consumer
@@ -102,8 +112,6 @@ async def committed_lag(kafka: KafkaSettings, group: str, topic: str) -> int:
         committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
     finally:
         await admin.close()
-    from aiokafka import AIOKafkaConsumer
-
     reader = AIOKafkaConsumer(bootstrap_servers=kafka.require(), group_id=None)
     await reader.start()
     try:
@@ -164,10 +172,6 @@ async def test_a_second_replica_takes_over_partitions_without_losing_or_repeatin
 
 
 async def test_a_message_in_backoff_holds_back_neither_its_partition_nor_other_keys_commits(settings: Settings) -> None:
-    from schemas.topics import Topics
-    from services.runtime.errors import Retryable
-    from services.runtime.pipeline import RetryPolicy
-
     topic = f"{settings.platform.namespace}.backoff"
     topics = Topics(settings.platform.namespace, (), retry_levels=1)
     await ensure_topics(settings.kafka, [*topics.with_retries((topic,)), topic + ".dlq"], 1)
@@ -182,21 +186,12 @@ async def test_a_message_in_backoff_holds_back_neither_its_partition_nor_other_k
             raise Retryable("the model answered 429")
         return await handler(event, delivery)
 
-    producer = Producer(settings.kafka)
-    await producer.client.start()
-    group = f"{settings.platform.namespace}.group"
-    sub = Subscription(group, topics.with_retries((topic,)), {GoalSubmitted: flaky})
-    pipeline = MessagePipeline(sub, producer, RetryPolicy(attempts=2, backoff_s=4.0, max_backoff_s=4.0))
-    consumer = ConcurrentKafkaConsumer(pipeline, settings.kafka, 16, "test")
-    await consumer.start()
-    try:
+    retry = RetryPolicy(attempts=2, backoff_s=4.0, max_backoff_s=4.0)
+    async with consuming(settings, topic, flaky, 16, retry=retry, retry_levels=1):
         # Everything but k0's first message is done and committed while k0 still waits out 4 s.
         await eventually(lambda: handler.processed == 49, timeout=30)
         await eventually(lambda: _lag_is_zero(settings, topic), timeout=30)
         assert "k0" not in handler.order or 0 not in handler.order["k0"]
         await eventually(lambda: 0 in handler.order.get("k0", []), timeout=30)
-    finally:
-        await consumer.stop()
-        await producer.client.stop()
     assert handler.processed == 50
     assert sorted(handler.order["k0"]) == list(range(5))

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from schemas.budget import BudgetLimits
 from schemas.envelope import Envelope
 from schemas.plan import Plan
 
@@ -16,6 +17,8 @@ class GoalSubmitted(Envelope):
     event_type: Literal["goal.submitted"] = "goal.submitted"
     text: str = Field(min_length=1, max_length=8_000)
     submitted_by: str = "cli"
+    budget: BudgetLimits = Field(default_factory=BudgetLimits)
+    """Lower limits than the tenant's policy, if the submitter wants them."""
 
 
 class GoalPlanned(Envelope):
@@ -23,6 +26,8 @@ class GoalPlanned(Envelope):
     plan: Plan
     model: str
     prompt_version: str
+    budget: BudgetLimits = Field(default_factory=BudgetLimits)
+    """The limits the goal runs under: the submission's, the defaults, capped by the tenant policy."""
 
 
 class GoalCompleted(Envelope):
@@ -35,6 +40,42 @@ class GoalFailed(Envelope):
     event_type: Literal["goal.failed"] = "goal.failed"
     reason: str
     detail: str = ""
+    figures: dict[str, float] = Field(default_factory=dict)
+    """For a budget overrun: the limit and the amount spent."""
+
+
+class GoalReopened(Envelope):
+    """A failed goal runs on: its dead-lettered work is being redriven."""
+
+    event_type: Literal["goal.reopened"] = "goal.reopened"
+    reason: str
+    requested_by: str
+
+
+class WorkDeadLettered(Envelope):
+    """Told to the orchestrator when a goal's message went to a dead-letter topic: the goal fails."""
+
+    event_type: Literal["work.dead_lettered"] = "work.dead_lettered"
+    reason: str
+    detail: str = Field(default="", max_length=4_000)
+    dead_event_type: str
+    dead_event_id: str
+    dlq_topic: str
+    original_topic: str
+    original_partition: int
+    original_offset: int
+    consumer_group: str
+    figures: dict[str, float] = Field(default_factory=dict)
+
+
+class AuditRecorded(Envelope):
+    """One line of the append-only audit trail: who or what did what, to which subject."""
+
+    event_type: Literal["audit.recorded"] = "audit.recorded"
+    action: str
+    actor: str
+    subject: str
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 class TaskAssigned(Envelope):
@@ -44,6 +85,8 @@ class TaskAssigned(Envelope):
     goal_text: str = Field(max_length=8_000)
     inputs: dict[str, str] = Field(default_factory=dict)
     """Results of the tasks this one depends on, by planned task id."""
+    resume: bool = False
+    """Sent again when a failed goal is reopened: a task cancelled mid-way continues from its checkpoint."""
 
 
 class TaskCompleted(Envelope):
@@ -129,6 +172,9 @@ Event = Annotated[
     | GoalPlanned
     | GoalCompleted
     | GoalFailed
+    | GoalReopened
+    | WorkDeadLettered
+    | AuditRecorded
     | TaskAssigned
     | TaskCompleted
     | TaskFailed
@@ -145,7 +191,7 @@ EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_TYPES: frozenset[str] = frozenset(
     cls.model_fields["event_type"].default
     for cls in (
-        GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed,
+        GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalReopened, WorkDeadLettered, AuditRecorded,
         TaskAssigned, TaskCompleted, TaskFailed,
         ToolCallRequested, ToolCallCompleted,
         MemoryRecallRequested, MemoryRecallCompleted, LLMCallRecorded,

@@ -44,6 +44,15 @@ class Topics:
         """The record of every model call, keyed by goal_id."""
         return f"{self.namespace}.llm-calls"
 
+    @property
+    def audit(self) -> str:
+        """The append-only audit trail, keyed by subject: redrives, denials, decisions."""
+        return f"{self.namespace}.audit"
+
+    @staticmethod
+    def is_dlq(topic: str) -> bool:
+        return topic.endswith(DLQ_SUFFIX)
+
     @staticmethod
     def dlq(topic: str) -> str:
         return Topics.origin(topic) + DLQ_SUFFIX
@@ -74,6 +83,10 @@ class Topics:
             self.llm_calls,
         ]
 
+    def dlq_topics(self) -> list[str]:
+        """The dead-letter topic of every topic a consumer group reads."""
+        return [self.dlq(t) for t in self.work_topics()]
+
     def all_topics(self) -> list[str]:
         work = self.work_topics()
-        return list(self.with_retries(work)) + [self.dlq(t) for t in work]
+        return list(self.with_retries(work)) + self.dlq_topics() + [self.audit]

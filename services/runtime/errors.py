@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from services.runtime.bus import Outgoing
 
 DeadLetterReason = Literal[
     "poison",
@@ -43,6 +46,13 @@ class Permanent(SwitchboardError):
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        self.outputs: list[Outgoing] = []
+        """Events the failing step produced before it failed (e.g. the record of a model call
+        that was made and paid for): they are produced along with the dead-letter record."""
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return {}
 
 
 class PoisonMessage(Permanent):
@@ -62,10 +72,39 @@ class ToolDenied(Permanent):
 class BudgetExceeded(Permanent):
     reason: DeadLetterReason = "budget_exceeded"
 
-    def __init__(self, message: str, limit: float, spent: float) -> None:
+    def __init__(self, message: str, budget: str, limit: float, spent: float) -> None:
         super().__init__(message)
+        self.budget = budget
         self.limit = limit
         self.spent = spent
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return {"limit": self.limit, "spent": self.spent}
+
+
+class DeadlineExceeded(BudgetExceeded):
+    reason: DeadLetterReason = "deadline_exceeded"
+
+
+class RunawayLoop(Permanent):
+    """The task repeats itself: the same call again and again, A-B-A-B, or steps that learn nothing."""
+
+    reason: DeadLetterReason = "runaway_loop"
+
+    def __init__(self, message: str, pattern: str) -> None:
+        super().__init__(message)
+        self.pattern = pattern
+
+
+class GoalStopped(SwitchboardError):
+    """The goal has ended (failed or stopped) while this task was still working: it stops at this
+    step boundary, quietly. Not a failure of this message, so it is not dead-lettered."""
+
+    def __init__(self, goal_id: str, why: str) -> None:
+        super().__init__(f"goal {goal_id} was stopped: {why}")
+        self.goal_id = goal_id
+        self.why = why
 
 
 class TransportFailure(SwitchboardError):

@@ -23,3 +23,10 @@ class RedisKeys:
 
     def idempotency(self, tenant: str, digest: str) -> str:
         return f"{self._tenant(tenant)}:idem:{digest}"
+
+    def goal_budget(self, tenant: str, goal_id: str) -> str:
+        return f"{self._tenant(tenant)}:goal:{goal_id}:budget"
+
+    def tenant_cost(self, tenant: str, day: str) -> str:
+        """What a tenant spent on one UTC day (YYYYMMDD)."""
+        return f"{self._tenant(tenant)}:cost:{day}"

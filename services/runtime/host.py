@@ -21,6 +21,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from memory.keys import RedisKeys
 from schemas.topics import Topics
+from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Producer, Subscription
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
@@ -31,6 +32,7 @@ from services.runtime.llm import LLMGateway
 from services.runtime.offline_model import Script
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
 from services.runtime.settings import (
+    BudgetSettings,
     KafkaSettings,
     LLMSettings,
     PlatformSettings,
@@ -57,6 +59,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     qdrant: QdrantSettings = field(default_factory=QdrantSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
 
 
 @dataclass
@@ -71,13 +74,21 @@ class Runtime:
     script: Script | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     _llm: LLMGateway | None = None
+    _budget: BudgetLedger | None = None
+
+    @property
+    def budget(self) -> BudgetLedger:
+        if self._budget is None:
+            self._budget = BudgetLedger(self.redis, self.keys, self.settings.budget)
+        return self._budget
 
     @property
     def llm(self) -> LLMGateway:
         if self._llm is None:
             models = {k.model for k in self.catalogue.kinds.values()}
             self._llm = LLMGateway(
-                self.settings.llm, models, self.settings.platform.instance, script=self.script
+                self.settings.llm, models, self.settings.platform.instance, script=self.script,
+                budget=self.budget, output_estimate_tokens=self.settings.budget.output_estimate_tokens,
             )
         return self._llm
 
@@ -91,7 +102,7 @@ class Runtime:
     def pipeline(self, subscription: Subscription, producer: Producer) -> MessagePipeline:
         """The pipeline a consumer feeds: the group also reads its topics' retry topics."""
         with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
-        return MessagePipeline(with_retries, producer, self.retry)
+        return MessagePipeline(with_retries, producer, self.retry, notify_topic=self.topics.goals)
 
 
 @dataclass

@@ -6,6 +6,7 @@ registered as a LiteLLM custom provider, so it takes the same path as a real mod
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from litellm.router import Router
 
 from schemas.envelope import Envelope
 from schemas.events import LLMCallRecorded
+from services.runtime.budget import BudgetLedger
 from services.runtime.errors import ConfigurationError, Retryable
 from services.runtime.latency import Latency
-from services.runtime.offline_model import PROVIDER, OfflineModel, Script, load_script
+from services.runtime.offline_model import PROVIDER, OfflineModel, Script, estimate_tokens, load_script
 from services.runtime.prompts import Prompt
 from services.runtime.settings import LLMSettings
 
@@ -64,9 +66,15 @@ class LLMGateway:
         models: set[str],
         instance: str,
         script: Script | None = None,
+        budget: BudgetLedger | None = None,
+        output_estimate_tokens: int = 512,
     ) -> None:
         self.settings = settings
         self.instance = instance
+        self.budget = budget
+        """When set, every call is admitted against its goal's budget first (the platform's check,
+        not the caller's): an overrun raises BudgetExceeded before the model is called."""
+        self.output_estimate_tokens = output_estimate_tokens
         if script is None and settings.offline_script:
             script = load_script(settings.offline_script)
         self.offline = OfflineModel(latency=Latency.parse(settings.offline_latency_ms), script=script)
@@ -111,11 +119,23 @@ class LLMGateway:
             kwargs["tools"] = tools
         if json_mode:
             kwargs["response_format"] = {"type": "json_object"}
+        reservation, ledger = None, self.budget
+        if ledger is not None:
+            est_in = estimate_tokens(json.dumps(messages, default=str)) + (estimate_tokens(json.dumps(tools)) if tools else 0)
+            est_out = self.output_estimate_tokens
+            reservation = await ledger.admit(
+                cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),
+                wait_s=self.settings.timeout_s,
+            )
         started = time.perf_counter()
         try:
             response = await self.router.acompletion(**kwargs)
-        except _TRANSIENT as exc:
-            raise Retryable(f"model {model} failed: {exc}") from exc
+        except BaseException as exc:
+            if ledger is not None and reservation is not None:
+                await ledger.settle(reservation, 0, 0.0, made=False)
+            if isinstance(exc, _TRANSIENT):
+                raise Retryable(f"model {model} failed: {exc}") from exc
+            raise
         latency_ms = (time.perf_counter() - started) * 1000
         choice = response.choices[0].message
         tool_calls = [
@@ -130,6 +150,11 @@ class LLMGateway:
                 for tc in choice.tool_calls
             ]
         usage = getattr(response, "usage", None)
+        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        cost = self._cost(model, response, input_tokens, output_tokens)
+        if ledger is not None and reservation is not None:
+            await ledger.settle(reservation, input_tokens + output_tokens, cost)
         record = LLMCallRecorded(
             **cause.caused(),
             purpose=purpose,
@@ -139,19 +164,30 @@ class LLMGateway:
             prompt_hash=prompt.digest,
             messages=messages,
             response=assistant,
-            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            cost_usd=self._cost(model, response),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
             latency_ms=round(latency_ms, 3),
             step_id=step_id,
             instance=self.instance,
         )
         return Completion(choice.content, tool_calls, assistant, record)
 
-    @staticmethod
-    def _cost(model: str, response: Any) -> float:
+    def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        """What a call of this size would cost: the reservation a budget holds while it runs."""
         if _is_offline(model):
+            return self.settings.offline_cost_per_1k_tokens * (input_tokens + output_tokens) / 1000
+        try:
+            prompt_cost, completion_cost = litellm.cost_per_token(
+                model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens
+            )
+        except (litellm.exceptions.NotFoundError, ValueError):
             return 0.0
+        return float(prompt_cost + completion_cost)
+
+    def _cost(self, model: str, response: Any, input_tokens: int, output_tokens: int) -> float:
+        if _is_offline(model):
+            return self._price(model, input_tokens, output_tokens)
         try:
             return float(litellm.completion_cost(completion_response=response, model=model))
         except (litellm.exceptions.BadRequestError, litellm.exceptions.NotFoundError, ValueError) as exc:

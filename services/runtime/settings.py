@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.budget import BudgetLimits
 from services.runtime.errors import ConfigurationError
 from services.runtime.latency import Latency
 
@@ -97,6 +98,9 @@ class LLMSettings(BaseSettings):
     offline_latency_ms: str = "0"
     """Simulated latency of each offline-model call: "500", "uniform:200:800", "exponential:500"
     or "normal:500:100" (milliseconds). For realistic slow calls without a provider."""
+    offline_cost_per_1k_tokens: float = Field(default=0.0, ge=0)
+    """What the offline model charges per 1,000 tokens (input and output), so cost budgets can be
+    exercised without a provider. Real models are priced from LiteLLM's cost map."""
     offline_script: str | None = None
     """`module:function` that decides each offline turn (the scripted form of the offline model)."""
     embedding_model: str | None = None
@@ -116,3 +120,54 @@ class LLMSettings(BaseSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else []
         return value
+
+
+class TenantPolicy(BudgetLimits):
+    """The most a tenant's goals may ask for, and what the tenant may spend per UTC day."""
+
+    daily_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class BudgetSettings(BaseSettings):
+    """Default per-goal limits (which are also the ceiling for tenants without a policy)."""
+
+    model_config = settings_config("SWITCHBOARD_BUDGET_")
+
+    max_steps: int | None = Field(default=60, ge=1)
+    max_tokens: int | None = Field(default=250_000, ge=1)
+    max_cost_usd: float | None = Field(default=5.0, gt=0)
+    max_tool_calls: int | None = Field(default=100, ge=0)
+    deadline_s: float | None = Field(default=1_800.0, gt=0)
+    tenant_daily_cost_usd: float | None = Field(default=100.0, gt=0)
+    """For tenants without a policy of their own."""
+    tenant_policies: Annotated[dict[str, TenantPolicy], NoDecode] = Field(default_factory=dict)
+    """Per-tenant ceilings, as JSON: {"acme": {"max_cost_usd": 20, "daily_cost_usd": 500}}.
+    A limit a policy leaves out is unlimited for that tenant."""
+    output_estimate_tokens: int = Field(default=512, ge=0)
+    """Output tokens a model call is assumed to take before the goal has made one; calls in flight
+    reserve their estimate so that replicas together overshoot a limit by at most one call."""
+    ttl_s: int = Field(default=7 * 86_400, ge=60)
+
+    @field_validator("tenant_policies", mode="before")
+    @classmethod
+    def _parse_policies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ConfigurationError(f"SWITCHBOARD_BUDGET_TENANT_POLICIES is not JSON: {exc}") from exc
+        return value
+
+    @property
+    def defaults(self) -> BudgetLimits:
+        return BudgetLimits.model_validate(self.model_dump(include=set(BudgetLimits.model_fields)))
+
+    def ceiling(self, tenant: str) -> BudgetLimits:
+        policy = self.tenant_policies.get(tenant)
+        if policy is None:
+            return self.defaults
+        return BudgetLimits.model_validate(policy.model_dump(include=set(BudgetLimits.model_fields)))
+
+    def daily_cost(self, tenant: str) -> float | None:
+        policy = self.tenant_policies.get(tenant)
+        return self.tenant_daily_cost_usd if policy is None else policy.daily_cost_usd

@@ -23,15 +23,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential_jitter
 
 from schemas.envelope import Envelope
-from schemas.events import EVENT_TYPES, decode_event
+from schemas.events import EVENT_TYPES, WorkDeadLettered, decode_event
 from schemas.topics import Topics
 from services.runtime.bus import Delivery, Outgoing, Producer, Subscription
-from services.runtime.errors import DeadLetterReason, Permanent, Retryable, TransportFailure
+from services.runtime.errors import DeadLetterReason, GoalStopped, Permanent, Retryable, TransportFailure
 from services.runtime.tracecontext import child_traceparent, trace_id
 
 log = logging.getLogger("switchboard.pipeline")
 
-MAX_MESSAGE_BYTES = 1_000_000
+MAX_MESSAGE_BYTES = 512 * 1024
+"""Larger messages are poison. Well under the broker's default 1 MiB, so the dead-letter record
+(the same value plus headers) still fits."""
+# Dead-lettering one of these does not fail its goal: they are the goal's ending or its bookkeeping.
+_NO_NOTICE = frozenset({"work.dead_lettered", "goal.reopened", "goal.failed", "goal.completed", "audit.recorded"})
 TRACEPARENT = "traceparent"
 ATTEMPT = "x-attempt"
 RETRY_DUE_MS = "x-retry-due-ms"
@@ -61,6 +65,8 @@ class RetryPolicy:
 class Rejection:
     reason: DeadLetterReason
     error: BaseException
+    outputs: tuple[Outgoing, ...] = ()
+    """Produced along with the dead-letter record (what the step did before it failed)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,13 @@ class MessagePipeline:
         producer: Producer,
         retry: RetryPolicy | None = None,
         publish_deadline_s: float = 120.0,
+        notify_topic: str | None = None,
     ) -> None:
         self.subscription = subscription
         self.producer = producer
         self.retry = retry or RetryPolicy()
+        self.notify_topic = notify_topic
+        """Where the orchestrator hears that a goal's work was dead-lettered (so the goal fails)."""
         self.publish_deadline_s = publish_deadline_s
         self._rng = random.Random()
 
@@ -163,9 +172,12 @@ class MessagePipeline:
             return Rejection("unknown_event", exc)
         try:
             return await handler(event, delivery)
+        except GoalStopped as exc:
+            log.info("%s of %s not handled: %s", event.event_type, event.task_id or event.goal_id, exc)
+            return []
         except Permanent as exc:
             log.warning("permanent failure (%s) for %s: %s", exc.reason, event.event_type, exc)
-            return Rejection(exc.reason, exc)
+            return Rejection(exc.reason, exc, tuple(exc.outputs))
         except Exception as exc:
             if not _is_transient(exc):
                 # A bug: trying again cannot help, and it must not stop the partition.
@@ -223,6 +235,8 @@ class MessagePipeline:
         self, delivery: Delivery, rejection: Rejection, event: Envelope | None = None
     ) -> None:
         """Write the original message, untouched, to `<topic>.dlq` with headers that explain it."""
+        if rejection.outputs:
+            await self._produce(list(rejection.outputs), delivery)
         error = rejection.error
         headers = dict(delivery.headers)
         here = (delivery.topic, delivery.partition, delivery.offset, delivery.timestamp_ms)
@@ -247,6 +261,21 @@ class MessagePipeline:
             delivery.topic, delivery.partition, delivery.offset, rejection.reason, error,
         )
         await self._send(Topics.dlq(delivery.topic), delivery.key, delivery.value, headers)
+        if event is not None and self.notify_topic and event.event_type not in _NO_NOTICE:
+            notice = WorkDeadLettered(
+                **event.caused(),
+                reason=rejection.reason,
+                detail=f"{type(error).__name__}: {error}"[:4_000],
+                dead_event_type=event.event_type,
+                dead_event_id=event.event_id,
+                dlq_topic=Topics.dlq(delivery.topic),
+                original_topic=topic,
+                original_partition=int(partition),
+                original_offset=int(offset),
+                consumer_group=delivery.group,
+                figures=error.figures if isinstance(error, Permanent) else {},
+            )
+            await self._produce([Outgoing(self.notify_topic, notice, event.goal_id)], delivery)
 
 
 def _goal_id_of(raw: bytes) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from memory.state import VersionedStore
 from schemas.events import MemoryRecallCompleted, TaskAssigned, ToolCallCompleted
 from services.agents import logic
+from services.agents.runaway import RunawayLimits
 from services.agents.settings import AgentSettings
 from services.runtime.bus import Subscription, on
 from services.runtime.catalogue import PACKAGED_PROMPTS
@@ -34,6 +35,8 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
         max_invalid_outputs=settings.max_invalid_outputs,
         recall_k=settings.recall_k,
         tool_output_chars=settings.tool_output_chars,
+        budget=runtime.budget,
+        runaway=RunawayLimits(repeats=settings.loop_repeats, stale_steps=settings.loop_stale_steps),
     )
 
     return ServiceApp(

@@ -1,7 +1,9 @@
 """One agent step per event: recall memory, call the model, validate its tool calls, or finish.
 
 The reasoning loop's state is a TaskCheckpoint in Redis; nothing is kept in process memory, so
-any replica can continue any task.
+any replica can continue any task. Before each model call the gateway checks the goal's budget;
+before tool calls go out, the platform checks for runaway loops and counts them against the
+budget. A stopped goal's task parks at its next step and continues from there if it is reopened.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from schemas.events import (
 )
 from schemas.tools import TOOL_SPECS
 from schemas.topics import Topics
+from services.agents.runaway import RunawayLimits, call_signature, check_calls, result_digest, stale_after
+from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentKind
+from services.runtime.errors import GoalStopped, Permanent
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway, ModelToolCall
 from services.runtime.prompts import Prompt
@@ -44,11 +49,18 @@ class PendingCall(BaseModel):
 
 class TaskCheckpoint(Ledgered):
     assignment: TaskAssigned
-    status: Literal["recalling", "waiting_tools", "done", "failed"] = "recalling"
+    status: Literal["recalling", "waiting_tools", "done", "failed", "cancelled"] = "recalling"
+    """`cancelled`: the goal was stopped when this task was about to call the model; it resumes
+    from here when the goal is reopened."""
     step: int = 0
     messages: list[dict[str, Any]] = []
     pending: list[PendingCall] = []
     invalid_outputs: int = 0
+    calls: list[list[str]] = []
+    """Each step's tool calls as `tool:canonical-arguments`, for runaway detection."""
+    seen_results: list[str] = []
+    """Digests of the tool results so far; a step that brings back only these adds nothing."""
+    stale_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class AgentDeps:
     max_invalid_outputs: int
     recall_k: int
     tool_output_chars: int
+    budget: BudgetLedger
+    runaway: RunawayLimits
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,9 @@ def checkpoint_key(deps: AgentDeps, assignment: TaskAssigned) -> str:
 async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
     async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
         if cp is not None:
+            if event.resume and cp.status == "cancelled":
+                log.info("task %s resumes at step %d", event.task_id, cp.step)
+                return cp, await think(deps, cp, event)
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
         if deps.recall_k == 0:
@@ -146,6 +163,9 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
         pending.result = untrusted(f"tool:{event.tool}", body, deps.tool_output_chars)
         if any(p.result is None for p in cp.pending):
             return cp, []
+        results = [p.result or "" for p in cp.pending]
+        cp.stale_steps = stale_after(deps.runaway, cp.seen_results, cp.stale_steps, results)
+        cp.seen_results += [result_digest(r) for r in results]
         cp.messages += [
             {"role": "tool", "tool_call_id": p.model_call_id, "content": p.result} for p in cp.pending
         ]
@@ -157,10 +177,26 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
 
 
 async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoing]:
-    """Call the model until it asks for valid tools or answers. Mutates `cp`; returns outputs."""
+    """Call the model until it asks for valid tools or answers. Mutates `cp`; returns outputs.
+
+    A budget overrun or a runaway loop raises (the message is dead-lettered and the goal fails),
+    carrying the records of the model calls already made; a stopped goal parks the task.
+    """
+    outputs: list[Outgoing] = []
+    try:
+        return await _think(deps, cp, cause, outputs)
+    except GoalStopped as exc:
+        log.info("task %s stops at step %d: %s", cp.assignment.task_id, cp.step, exc.why)
+        cp.status = "cancelled"
+        return outputs
+    except Permanent as exc:
+        exc.outputs = outputs + exc.outputs
+        raise
+
+
+async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[Outgoing]) -> list[Outgoing]:
     task = cp.assignment
     task_id = task.task_id or ""
-    outputs: list[Outgoing] = []
     tools = [TOOL_SPECS[name].openai_schema for name in deps.kind.tools]
     while True:
         if cp.step >= deps.max_steps:
@@ -192,6 +228,10 @@ async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoin
                 cp.messages.append({"role": "tool", "tool_call_id": model_id, "content": content})
             continue
         valid = [c for c in checked if not isinstance(c, str)]
+        signatures = [call_signature(v.call.name, v.arguments) for v in valid]
+        check_calls(deps.runaway, cp.calls, signatures)
+        await deps.budget.charge_tool_calls(task.tenant, task.goal_id, len(valid))
+        cp.calls.append(signatures)
         cp.status = "waiting_tools"
         cp.pending = []
         for v in valid:

@@ -13,8 +13,13 @@ class AgentSettings(BaseSettings):
     model: str | None = None
     """Overrides the kind's model (any LiteLLM model string)."""
     max_steps: int = Field(default=8, ge=1)
-    """Model calls one task may make before it fails (a coarse guard until goal budgets exist)."""
+    """Model calls one task may make before it fails; the goal's budget (SWITCHBOARD_BUDGET_*)
+    limits the whole goal across its tasks."""
     max_invalid_outputs: int = Field(default=2, ge=0)
     recall_k: int = Field(default=3, ge=0, le=50)
     tool_output_chars: int = Field(default=4_000, ge=100)
     checkpoint_ttl_s: int = 7 * 86_400
+    loop_repeats: int = Field(default=3, ge=2)
+    """The same tool with the same arguments this many times in one task stops it as runaway."""
+    loop_stale_steps: int = Field(default=3, ge=1)
+    """This many steps in a row that bring back only results already seen stop it as runaway."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from memory.state import VersionedStore
-from schemas.events import GoalSubmitted, TaskCompleted, TaskFailed
+from schemas.events import GoalReopened, GoalSubmitted, TaskCompleted, TaskFailed, WorkDeadLettered
 from services.orchestrator import logic
 from services.orchestrator.settings import OrchestratorSettings
 from services.runtime.bus import Subscription, on
@@ -31,6 +31,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         editor=prompts.latest("editor"),
         model=settings.model or runtime.settings.llm.default_model,
         max_plan_attempts=settings.max_plan_attempts,
+        budget=runtime.budget,
     )
     record_result = on(partial(logic.record_task_result, deps))
     return ServiceApp(
@@ -42,6 +43,8 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                     GoalSubmitted: on(partial(logic.plan_goal, deps)),
                     TaskCompleted: record_result,
                     TaskFailed: record_result,
+                    WorkDeadLettered: on(partial(logic.fail_on_dead_letter, deps)),
+                    GoalReopened: on(partial(logic.reopen, deps)),
                 },
             )
         ]

@@ -1,4 +1,9 @@
-"""Orchestrator decisions: plan a goal, dispatch ready tasks, gather results into the final answer."""
+"""Orchestrator decisions: plan a goal, dispatch ready tasks, gather results into the final answer.
+
+It also ends goals: a failed task, or any of the goal's work sent to a dead-letter topic, fails
+the goal and stops it, so that every other task of the goal stops at its next step. A redrive
+reopens the goal, and its stopped tasks continue from their checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,16 @@ from schemas.events import (
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
+    GoalReopened,
     GoalSubmitted,
     TaskAssigned,
     TaskCompleted,
     TaskFailed,
+    WorkDeadLettered,
 )
 from schemas.plan import Plan, PlannedTask
 from schemas.topics import Topics
+from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.idempotency import Ledgered, StepLedger
@@ -51,6 +59,7 @@ class OrchestratorDeps:
     editor: Prompt
     model: str
     max_plan_attempts: int
+    budget: BudgetLedger
 
 
 def task_id_for(goal_id: str, planned_id: str) -> str:
@@ -87,7 +96,7 @@ def parse_plan(content: str | None, kinds: set[str]) -> Plan:
     return plan
 
 
-def assign(state: GoalState, record: TaskRecord, topics: Topics, cause: Any) -> Outgoing:
+def assign(state: GoalState, record: TaskRecord, topics: Topics, cause: Any, resume: bool = False) -> Outgoing:
     record.status = "assigned"
     inputs = {
         dep: state.tasks[dep].result or "" for dep in record.planned.depends_on
@@ -98,14 +107,25 @@ def assign(state: GoalState, record: TaskRecord, topics: Topics, cause: Any) -> 
         instruction=record.planned.instruction,
         goal_text=state.goal.text,
         inputs=inputs,
+        resume=resume,
     )
     return Outgoing(topics.agent(record.planned.kind), event, record.task_id)
+
+
+def failed_goal(deps: OrchestratorDeps, cause: Any, reason: str, detail: str, figures: dict[str, float] | None = None) -> Outgoing:
+    event = GoalFailed(**cause.caused(task_id=None), reason=reason, detail=detail, figures=figures or {})
+    return Outgoing(deps.topics.progress, event, cause.goal_id)
 
 
 async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoing]:
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
         if state is not None:
             return None, []  # planned already under another event id
+        try:
+            limits = deps.budget.limits_for(goal.tenant, goal.budget)
+        except ValueError as exc:
+            return GoalState(goal=goal, status="failed"), [failed_goal(deps, goal, "budget_policy", str(exc))]
+        await deps.budget.open(goal.tenant, goal.goal_id, limits, goal.ts)
         outputs: list[Outgoing] = []
         messages = planner_messages(deps, goal)
         error = ""
@@ -135,7 +155,7 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
                 Outgoing(
                     deps.topics.progress,
                     GoalPlanned(
-                        **goal.caused(), plan=plan, model=deps.model,
+                        **goal.caused(), plan=plan, model=deps.model, budget=limits,
                         prompt_version=f"{deps.planner.name}.{deps.planner.version}",
                     ),
                     goal.goal_id,
@@ -144,15 +164,8 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
             outputs += [assign(state, t, deps.topics, goal) for t in ready_tasks(state)]
             return state, outputs
         failed = GoalState(goal=goal, status="failed")
-        outputs.append(
-            Outgoing(
-                deps.topics.progress,
-                GoalFailed(**goal.caused(), reason="invalid_plan",
-                           detail=f"no valid plan after {deps.max_plan_attempts} attempts: {error}"),
-                goal.goal_id,
-            )
-        )
-        return failed, outputs
+        detail = f"no valid plan after {deps.max_plan_attempts} attempts: {error}"
+        return failed, outputs + [failed_goal(deps, goal, "invalid_plan", detail)]
 
     return await deps.ledger.apply(deps.keys.goal_state(goal.tenant, goal.goal_id), goal.event_id, step)
 
@@ -167,11 +180,9 @@ async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | Task
         if isinstance(event, TaskFailed):
             record.status = "failed"
             state.status = "failed"
-            failed = GoalFailed(
-                **event.caused(task_id=None), reason=f"task_failed:{event.reason}",
-                detail=f"task {record.planned.id} ({event.kind}) failed: {event.detail}",
-            )
-            return state, [Outgoing(deps.topics.progress, failed, state.goal.goal_id)]
+            await deps.budget.stop(event.tenant, event.goal_id, f"task {record.planned.id} failed")
+            detail = f"task {record.planned.id} ({event.kind}) failed: {event.detail}"
+            return state, [failed_goal(deps, event, f"task_failed:{event.reason}", detail)]
         record.status = "completed"
         record.result = event.result
         outputs = [assign(state, t, deps.topics, event) for t in ready_tasks(state)]
@@ -209,3 +220,42 @@ async def finish(deps: OrchestratorDeps, state: GoalState, cause: TaskCompleted)
         Outgoing(deps.topics.llm_calls, completion.record, state.goal.goal_id),
         Outgoing(deps.topics.progress, done, state.goal.goal_id),
     ]
+
+
+async def fail_on_dead_letter(deps: OrchestratorDeps, event: WorkDeadLettered) -> list[Outgoing]:
+    """Work of the goal went to a dead-letter topic: the goal fails, and its other tasks stop."""
+
+    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        where = f"{event.dead_event_type} on {event.original_topic} (now in {event.dlq_topic})"
+        detail = f"{where}: {event.detail}"
+        if state is None:
+            # The goal never got a state (its submission itself failed): still tell the submitter.
+            await deps.budget.stop(event.tenant, event.goal_id, event.reason)
+            return None, [failed_goal(deps, event, event.reason, detail, event.figures)]
+        if state.status != "running":
+            return None, []
+        state.status = "failed"
+        await deps.budget.stop(event.tenant, event.goal_id, event.reason)
+        return state, [failed_goal(deps, event, event.reason, detail, event.figures)]
+
+    key = deps.keys.goal_state(event.tenant, event.goal_id)
+    return await deps.ledger.apply(key, event.event_id, step)
+
+
+async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
+    """A redrive reopens a goal that failed on dead-lettered work. Its tasks that were stopped
+    mid-way are sent again, marked `resume`: each continues from its checkpoint (a task that is
+    still running ignores it). A task that failed outright cannot be redriven, so neither can its goal."""
+
+    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is None or state.status != "failed" or state.plan is None:
+            return None, []
+        if any(t.status == "failed" for t in state.tasks.values()):
+            return None, []
+        state.status = "running"
+        await deps.budget.reopen(event.tenant, event.goal_id)
+        resumed = [t for t in state.tasks.values() if t.status == "assigned"]
+        return state, [assign(state, t, deps.topics, event, resume=True) for t in resumed]
+
+    key = deps.keys.goal_state(event.tenant, event.goal_id)
+    return await deps.ledger.apply(key, event.event_id, step)

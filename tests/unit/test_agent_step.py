@@ -20,23 +20,28 @@ from schemas.events import (
 )
 from schemas.topics import Topics
 from services.agents import logic
+from services.agents.runaway import RunawayLimits
+from services.runtime.budget import BudgetLedger
 from services.runtime.catalogue import PACKAGED_PROMPTS, AgentCatalogue
 from services.runtime.idempotency import StepLedger
 from services.runtime.llm import LLMGateway
 from services.runtime.offline_model import Script, ToolCall, Turn
 from services.runtime.prompts import PromptLibrary
-from services.runtime.settings import LLMSettings
+from services.runtime.settings import BudgetSettings, LLMSettings
 
 
 def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | None = None, **overrides: Any) -> logic.AgentDeps:
     kind = AgentCatalogue.load().get("researcher")
-    options: dict[str, Any] = {"max_steps": 4, "max_invalid_outputs": 1, "recall_k": 3, "tool_output_chars": 2000}
+    options: dict[str, Any] = {
+        "max_steps": 4, "max_invalid_outputs": 1, "recall_k": 3, "tool_output_chars": 2000, "runaway": RunawayLimits(),
+        "budget": BudgetLedger(redis, keys, BudgetSettings()),
+    }
     options.update(overrides)
     return logic.AgentDeps(
         kind=kind,
         model="offline/default",
         prompt=PromptLibrary(PACKAGED_PROMPTS).latest(kind.prompt),
-        llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script),
+        llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script, budget=options["budget"]),
         ledger=StepLedger(VersionedStore(redis, logic.TaskCheckpoint, 3600)),
         keys=keys,
         topics=topics,

@@ -28,7 +28,13 @@ from schemas.events import (
 )
 from schemas.tools import TOOL_SPECS
 from schemas.topics import Topics
-from services.agents.runaway import RunawayLimits, call_signature, check_calls, result_digest, stale_after
+from services.agents.runaway import (
+    RunawayLimits,
+    call_signature,
+    check_calls,
+    result_digest,
+    stale_after,
+)
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentKind

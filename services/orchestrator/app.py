@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from memory.state import VersionedStore
-from schemas.events import GoalReopened, GoalSubmitted, TaskCompleted, TaskFailed, WorkDeadLettered
+from schemas.events import (
+    GoalReopened,
+    GoalSubmitted,
+    TaskCompleted,
+    TaskFailed,
+    WorkDeadLettered,
+)
 from services.orchestrator import logic
 from services.orchestrator.settings import OrchestratorSettings
 from services.runtime.bus import Subscription, on

@@ -16,11 +16,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from memory.keys import RedisKeys
 from schemas.budget import BudgetLimits
-from services.runtime.errors import BudgetExceeded, DeadlineExceeded, GoalStopped, Retryable
+from services.runtime.errors import (
+    BudgetExceeded,
+    DeadlineExceeded,
+    GoalStopped,
+    Retryable,
+)
 from services.runtime.settings import BudgetSettings
 
 log = logging.getLogger("switchboard.budget")

@@ -20,7 +20,13 @@ from schemas.events import LLMCallRecorded
 from services.runtime.budget import BudgetLedger
 from services.runtime.errors import ConfigurationError, Retryable
 from services.runtime.latency import Latency
-from services.runtime.offline_model import PROVIDER, OfflineModel, Script, estimate_tokens, load_script
+from services.runtime.offline_model import (
+    PROVIDER,
+    OfflineModel,
+    Script,
+    estimate_tokens,
+    load_script,
+)
 from services.runtime.prompts import Prompt
 from services.runtime.settings import LLMSettings
 

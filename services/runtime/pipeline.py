@@ -26,7 +26,13 @@ from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, WorkDeadLettered, decode_event
 from schemas.topics import Topics
 from services.runtime.bus import Delivery, Outgoing, Producer, Subscription
-from services.runtime.errors import DeadLetterReason, GoalStopped, Permanent, Retryable, TransportFailure
+from services.runtime.errors import (
+    DeadLetterReason,
+    GoalStopped,
+    Permanent,
+    Retryable,
+    TransportFailure,
+)
 from services.runtime.tracecontext import child_traceparent, trace_id
 
 log = logging.getLogger("switchboard.pipeline")

@@ -142,7 +142,7 @@ class BudgetSettings(BaseSettings):
     """For tenants without a policy of their own."""
     tenant_policies: Annotated[dict[str, TenantPolicy], NoDecode] = Field(default_factory=dict)
     """Per-tenant ceilings, as JSON: {"acme": {"max_cost_usd": 20, "daily_cost_usd": 500}}.
-    A limit a policy leaves out is unlimited for that tenant."""
+    A limit a policy leaves out has no ceiling: the tenant's goals get the default and may ask for more."""
     output_estimate_tokens: int = Field(default=512, ge=0)
     """Output tokens a model call is assumed to take before the goal has made one; calls in flight
     reserve their estimate so that replicas together overshoot a limit by at most one call."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -9,7 +10,9 @@ from redis.asyncio import Redis
 
 from memory.keys import RedisKeys
 from memory.state import VersionedStore
+from schemas.budget import BudgetLimits
 from schemas.events import (
+    LLMCallRecorded,
     MemoryRecallCompleted,
     MemoryRecallRequested,
     TaskAssigned,
@@ -23,6 +26,7 @@ from services.agents import logic
 from services.agents.runaway import RunawayLimits
 from services.runtime.budget import BudgetLedger
 from services.runtime.catalogue import PACKAGED_PROMPTS, AgentCatalogue
+from services.runtime.errors import BudgetExceeded, RunawayLoop
 from services.runtime.idempotency import StepLedger
 from services.runtime.llm import LLMGateway
 from services.runtime.offline_model import Script, ToolCall, Turn
@@ -160,3 +164,61 @@ async def test_a_stale_tool_result_is_ignored(redis: Redis, keys: RedisKeys, top
     request = next(r for r in events_of(outputs, ToolCallRequested) if r.tool == tool)
     stale = ToolCallCompleted(**request.caused(), call_id="g1.r1:9:0", step_id="g1.r1:9", tool=tool, ok=True, output="x")
     assert await logic.resume_with_tool_result(deps, stale) == []
+
+
+async def test_a_model_repeating_the_same_call_is_stopped_as_runaway_with_its_call_records(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": "1+1"})])
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0, max_steps=10)
+    outputs = await logic.start_task(deps, assignment())
+    with pytest.raises(RunawayLoop) as caught:
+        for n in range(5):
+            [request] = events_of(outputs, ToolCallRequested)
+            outputs = await logic.resume_with_tool_result(deps, answered(request, f"1+1 = 2 (run {n})"))
+    assert caught.value.reason == "runaway_loop" and caught.value.pattern == "repeated_call"
+    # The third identical request never went out, but the model call that asked for it is recorded.
+    assert deps.llm.offline.calls == 3
+    assert [type(o.event) for o in caught.value.outputs] == [LLMCallRecorded]
+
+
+async def test_a_goal_over_its_token_budget_stops_before_the_next_model_call(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{len(messages)}*3"})])
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0, max_steps=50)
+    await deps.budget.open("acme", "g1", BudgetLimits(max_tokens=600), datetime.now(UTC))
+    outputs = await logic.start_task(deps, assignment())
+    records = events_of(outputs, LLMCallRecorded)
+    with pytest.raises(BudgetExceeded) as caught:
+        for n in range(50):
+            [request] = events_of(outputs, ToolCallRequested)
+            outputs = await logic.resume_with_tool_result(deps, answered(request, str(n)))
+            records += events_of(outputs, LLMCallRecorded)
+    status = await deps.budget.status("acme", "g1")
+    assert status is not None
+    spent = sum(r.input_tokens + r.output_tokens for r in records)
+    assert spent == status.spent["tokens"] == caught.value.figures["spent"] and caught.value.figures["limit"] == 600
+    last = records[-1].input_tokens + records[-1].output_tokens
+    assert spent - last < 600 <= spent  # it stopped after the call that crossed the limit: one call over at most
+    assert deps.llm.offline.calls == status.spent["steps"]  # no call was made past the check
+
+
+async def test_a_task_of_a_stopped_goal_parks_and_resumes_from_its_checkpoint(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = make_deps(redis, keys, topics)
+    [out] = await logic.start_task(deps, assignment())
+    await deps.budget.stop("acme", "g1", "task r2 failed")
+    assert await logic.resume_with_memories(deps, recalled(out.event)) == []  # no model call, nothing sent
+    assert deps.llm.offline.calls == 0
+    await deps.budget.reopen("acme", "g1")
+    resumed = await logic.start_task(deps, assignment().model_copy(update={"event_id": "again", "resume": True}))
+    assert {r.tool for r in events_of(resumed, ToolCallRequested)} == {"calculator", "kb_search"}
+    assert deps.llm.offline.calls == 1
+    # A plain re-assignment of a task that is running is ignored.
+    assert await logic.start_task(deps, assignment().model_copy(update={"event_id": "third", "resume": True})) == []

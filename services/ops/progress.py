@@ -7,11 +7,13 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from schemas.budget import LIMIT_NAMES
 from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
+    GoalReopened,
     GoalSubmitted,
     LLMCallRecorded,
     MemoryRecallCompleted,
@@ -21,6 +23,7 @@ from schemas.events import (
     TaskFailed,
     ToolCallCompleted,
     ToolCallRequested,
+    WorkDeadLettered,
 )
 
 
@@ -63,7 +66,17 @@ class ProgressView:
                     table.add_column(column)
                 for t in event.plan.tasks:
                     table.add_row(t.id, t.kind, _short(t.instruction, 70), ", ".join(t.depends_on) or "-")
+                limits = [f"{n}={getattr(event.budget, n):g}" for n in LIMIT_NAMES if getattr(event.budget, n) is not None]
+                table.caption = f"budget: {', '.join(limits) or 'unlimited'}"
+                table.caption_justify = "left"
                 return table
+            case WorkDeadLettered():
+                return (
+                    f"[red]✗ dead-lettered[/] {escape(event.dead_event_type)} ({escape(event.reason)}) "
+                    f"→ {escape(event.dlq_topic)}: {_short(event.detail)}"
+                )
+            case GoalReopened():
+                return f"[cyan]↻ goal reopened[/] ({escape(event.reason)}, by {escape(event.requested_by)})"
             case TaskAssigned():
                 return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]"
             case MemoryRecallRequested():
@@ -96,7 +109,7 @@ class ProgressView:
         if isinstance(event, GoalCompleted):
             self.console.print(Panel(escape(event.answer), title="final answer", border_style="green"))
         else:
-            self.console.print(
-                Panel(f"{escape(event.reason)}\n{escape(event.detail)}", title="goal failed", border_style="red")
-            )
+            figures = ", ".join(f"{k} {v:g}" for k, v in event.figures.items())
+            body = f"{escape(event.reason)}" + (f" ({figures})" if figures else "") + f"\n{escape(event.detail)}"
+            self.console.print(Panel(body, title="goal failed", border_style="red"))
         self.console.print(f"[dim]{self.llm_calls} model calls, {self.tokens} tokens[/]")

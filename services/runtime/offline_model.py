@@ -59,7 +59,8 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def _role(messages: list[dict[str, Any]]) -> str:
+def role_of(messages: list[dict[str, Any]]) -> str:
+    """planner, editor or agent: the first line of the system prompt says which (`role: ...`)."""
     for message in messages:
         if message.get("role") == "system":
             first = str(message.get("content") or "").strip().splitlines()[:1]
@@ -153,7 +154,7 @@ def answer_turn(messages: list[dict[str, Any]]) -> Turn:
 
 
 def default_turn(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
-    role = _role(messages)
+    role = role_of(messages)
     if role == "planner":
         return plan_turn(messages)
     if role == "editor":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -10,23 +11,33 @@ from services.runtime.bus import Subscription, on
 from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import SideEffectGuard
 from services.tools import logic, registry
+from services.tools.limits import ToolLimiter
 from services.tools.settings import ToolsSettings
+
+CLAIM_MARGIN_S = 30
 
 
 async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
-    settings = ToolsSettings()
+    settings = ToolsSettings.from_env()
     sandbox = settings.sandbox_dir or runtime.settings.platform.data_dir / "sandbox"
+    tools = {
+        "calculator": registry.calculator(),
+        "http_get": registry.http_get(
+            settings.http_enabled,
+            settings.http_allowed_hosts,
+            settings.http_max_bytes,
+            settings.limits_for("http_get").timeout_s,
+        ),
+        "save_note": registry.save_note(sandbox),
+    }
+    limiters = {name: ToolLimiter(name, settings.limits_for(name)) for name in tools}
+    # A side effect's claim must outlive its slowest attempt, or a duplicate could run it too.
+    longest = max(limiter.limits.timeout_s for limiter in limiters.values())
     deps = logic.ToolsDeps(
-        tools={
-            "calculator": registry.calculator,
-            "http_get": registry.http_get(
-                settings.http_enabled, settings.http_allowed_hosts, settings.http_max_bytes, settings.timeout_s
-            ),
-            "save_note": registry.save_note(sandbox),
-        },
+        tools=tools,
+        limiters=limiters,
         catalogue=runtime.catalogue,
-        guard=SideEffectGuard(runtime.redis, runtime.keys),
-        timeout_s=settings.timeout_s,
+        guard=SideEffectGuard(runtime.redis, runtime.keys, claim_ttl_s=max(60, math.ceil(longest) + CLAIM_MARGIN_S)),
     )
 
     return ServiceApp(

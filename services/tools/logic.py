@@ -1,61 +1,73 @@
-"""Tool execution decisions: re-check the allowlist, validate arguments, run once, answer the agent."""
+"""Tool execution decisions: re-check the allowlist, validate arguments, run once within the
+tool's limits, and answer the agent, or raise what the platform should do with the request."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
+from functools import partial
 
 from pydantic import ValidationError
 
 from schemas.events import ToolCallCompleted, ToolCallRequested
-from schemas.tools import TOOL_SPECS
+from schemas.tools import TOOL_SPECS, ToolArgs, ToolSpec
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
-from services.runtime.errors import Permanent, Retryable
+from services.runtime.errors import Permanent, ToolDenied
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
-from services.tools.registry import CallContext, ToolFn
+from services.tools.limits import ToolLimiter
+from services.tools.registry import CallContext, Tool, ToolUsageError
 
 
 @dataclass(frozen=True)
 class ToolsDeps:
-    tools: dict[str, ToolFn]
+    tools: dict[str, Tool]
+    limiters: dict[str, ToolLimiter]
+    """One per tool in `tools`: its timeout, concurrency cap and circuit breaker in this replica."""
     catalogue: AgentCatalogue
     guard: SideEffectGuard
-    timeout_s: float
 
 
 async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]:
-    spec = TOOL_SPECS.get(request.tool)
-    tool = deps.tools.get(request.tool)
-    if spec is None or tool is None:
-        return [_reply(request, ok=False, error=f"unknown tool {request.tool!r} on this executor")]
-    kind = deps.catalogue.kinds.get(request.agent_kind)
-    if kind is None or request.tool not in kind.tools:
-        # The agent checked this already; the executor checks again, in case the request was forged.
-        return [_reply(request, ok=False, error=f"tool {request.tool!r} is not allowed for {request.agent_kind!r}")]
-    try:
-        args = spec.args.model_validate(request.arguments)
-    except ValidationError as exc:
-        return [_reply(request, ok=False, error=f"invalid arguments: {exc}")]
+    """The reply to the agent. Raises ToolDenied or Permanent (dead-lettered with their reason)
+    and Retryable (the request waits in a retry topic, e.g. while the tool's circuit is open)."""
+    spec, tool, args = _admit(deps, request)
     canonical = args.model_dump(mode="json")
     digest = idempotency_digest(request.goal_id, request.task_id, request.step_id, request.tool, canonical)
     ctx = CallContext(request.tenant, request.goal_id, request.task_id or "", digest)
-
-    async def run() -> str:
-        try:
-            async with asyncio.timeout(deps.timeout_s):
-                return await tool(args, ctx)
-        except TimeoutError as exc:
-            raise Retryable(f"{request.tool} timed out after {deps.timeout_s}s") from exc
-
     try:
-        if spec.side_effect:
-            output, replayed = await deps.guard.run_once(request.tenant, digest, run)
-        else:
-            output, replayed = await run(), False
-    except Permanent as exc:
+        # Breaker and slot come before the side-effect claim, so the claim is held only while
+        # the tool runs (bounded by its timeout), never while the call waits for a slot.
+        async with deps.limiters[request.tool].attempt() as attempt:
+            run = partial(attempt.run, partial(tool.run, args, ctx))
+            if spec.side_effect:
+                output, replayed = await deps.guard.run_once(request.tenant, digest, run)
+            else:
+                output, replayed = await run(), False
+    except ToolUsageError as exc:
         return [_reply(request, ok=False, error=str(exc))]
     return [_reply(request, ok=True, output=output, replayed=replayed)]
+
+
+def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool, ToolArgs]:
+    """The checks that need no tool call: a refusal here is final, so it is dead-lettered."""
+    spec = TOOL_SPECS.get(request.tool)
+    tool = deps.tools.get(request.tool)
+    if spec is None or tool is None:
+        raise ToolDenied(
+            f"unknown tool {request.tool!r} on this executor; it runs {sorted(deps.tools)}", policy="executor_tools"
+        )
+    kind = deps.catalogue.kinds.get(request.agent_kind)
+    if kind is None or request.tool not in kind.tools:
+        # The agent checked this already; the executor checks again, in case the request was forged.
+        raise ToolDenied(
+            f"tool {request.tool!r} is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist"
+        )
+    try:
+        args = spec.args.model_validate(request.arguments)
+    except ValidationError as exc:
+        raise Permanent(f"invalid arguments for {request.tool}: {exc}", reason="schema_invalid") from exc
+    tool.check(args)
+    return spec, tool, args
 
 
 def _reply(

@@ -1,4 +1,12 @@
-"""The tool implementations this executor runs, by name. Argument models live in schemas.tools."""
+"""The tool implementations this executor runs, by name. Argument models live in schemas.tools.
+
+How a tool says what went wrong decides what happens to the request:
+- ToolUsageError: the tool answered with an error the model can act on (a bad expression,
+  division by zero, a malformed URL): an ok=false reply to the agent;
+- ToolDenied, from a tool's `check`: policy forbids the call: dead-lettered, `tool_denied`;
+- Retryable: a transient failure (5xx, 408, 429, a refused or reset connection, a timeout): retried;
+- anything else is a crash: dead-lettered, `tool_failed` (see limits.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from schemas.tools import CalculatorArgs, HttpGetArgs, SaveNoteArgs, ToolArgs
-from services.runtime.errors import Permanent, Retryable
+from services.runtime.errors import Permanent, Retryable, SwitchboardError, ToolDenied
 from services.tools.calculator import CalculatorError, evaluate
 
 
@@ -28,54 +36,88 @@ class CallContext:
 
 
 ToolFn = Callable[[ToolArgs, CallContext], Awaitable[str]]
+ToolCheck = Callable[[ToolArgs], None]
+
+
+def _allow_all(_: ToolArgs) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Tool:
+    run: ToolFn
+    check: ToolCheck = _allow_all
+    """Raises ToolDenied when policy forbids this call. It runs before the tool's limits, so a
+    denied call never waits for a slot and never counts toward the circuit breaker."""
+
+
+class ToolUsageError(SwitchboardError):
+    """The tool answered, with an error the model can act on: the agent gets it as ok=false."""
 
 
 class ToolFailed(Permanent):
+    """The tool crashed: trying again will not help."""
+
     reason = "tool_failed"
 
 
-async def calculator(args: ToolArgs, _: CallContext) -> str:
-    assert isinstance(args, CalculatorArgs)
-    try:
-        return f"{args.expression} = {evaluate(args.expression)}"
-    except CalculatorError as exc:
-        raise ToolFailed(str(exc)) from exc
+# A 408 or 429 says "not now" rather than "wrong request".
+_TRANSIENT_4XX = frozenset({408, 429})
 
 
-def http_get(enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeout_s: float) -> ToolFn:
+def calculator() -> Tool:
     async def run(args: ToolArgs, _: CallContext) -> str:
+        assert isinstance(args, CalculatorArgs)
+        try:
+            return f"{args.expression} = {evaluate(args.expression)}"
+        except CalculatorError as exc:
+            raise ToolUsageError(str(exc)) from exc
+
+    return Tool(run)
+
+
+def http_get(enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeout_s: float) -> Tool:
+    def check(args: ToolArgs) -> None:
         assert isinstance(args, HttpGetArgs)
         if not enabled:
-            raise ToolFailed("http_get is disabled (TOOLS_HTTP_ENABLED=false)")
+            raise ToolDenied("http_get is disabled (TOOLS_HTTP_ENABLED=false)", policy="TOOLS_HTTP_ENABLED")
         host = (urlsplit(args.url).hostname or "").lower()
         if host not in allowed_hosts:
-            raise ToolFailed(f"host {host!r} is not on the allowlist {sorted(allowed_hosts)}")
+            raise ToolDenied(
+                f"host {host!r} is not on the allowlist {sorted(allowed_hosts)}", policy="TOOLS_HTTP_ALLOWED_HOSTS"
+            )
+
+    async def run(args: ToolArgs, _: CallContext) -> str:
+        assert isinstance(args, HttpGetArgs)
+        check(args)  # also when called on its own, not through the executor
         body = bytearray()
         try:
             async with (
                 httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
                 client.stream("GET", args.url) as response,
             ):
-                if response.status_code >= 500:
-                    raise Retryable(f"GET {args.url} answered {response.status_code}")
+                status = response.status_code
+                if status >= 500 or status in _TRANSIENT_4XX:
+                    raise Retryable(f"GET {args.url} answered {status}")
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) >= max_bytes:  # stop reading: a huge page must not fill memory
                         break
-        except httpx.TimeoutException as exc:
-            raise Retryable(f"GET {args.url} timed out") from exc
-        except httpx.HTTPError as exc:
-            raise ToolFailed(f"GET {args.url} failed: {exc}") from exc
+        except httpx.TransportError as exc:  # timeouts, refused and reset connections
+            raise Retryable(f"GET {args.url} failed: {type(exc).__name__}: {exc}") from exc
+        except httpx.InvalidURL as exc:
+            raise ToolUsageError(f"GET {args.url}: {exc}") from exc
         text = bytes(body[:max_bytes]).decode(response.encoding or "utf-8", errors="replace")
-        return f"HTTP {response.status_code}\n{text}"
+        # Any other status, 4xx included, is the page's answer: the model reads it and adapts.
+        return f"HTTP {status}\n{text}"
 
-    return run
+    return Tool(run, check)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def save_note(sandbox: Path) -> ToolFn:
+def save_note(sandbox: Path) -> Tool:
     """Appends one record per run to <sandbox>/<tenant>/notes.jsonl: a real, countable side effect."""
 
     async def run(args: ToolArgs, ctx: CallContext) -> str:
@@ -92,7 +134,7 @@ def save_note(sandbox: Path) -> ToolFn:
         await asyncio.to_thread(_append, directory / "notes.jsonl", json.dumps(record))
         return f"saved note {args.title!r} ({len(args.body)} characters)"
 
-    return run
+    return Tool(run)
 
 
 def _append(path: Path, line: str) -> None:

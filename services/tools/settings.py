@@ -1,24 +1,78 @@
-"""Tool executor settings (env prefix TOOLS_)."""
+"""Tool executor settings (env prefix TOOLS_): defaults for every tool, and per-tool overrides."""
 
+from __future__ import annotations
+
+import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
+from schemas.tools import TOOL_SPECS
+from services.runtime.errors import ConfigurationError
 from services.runtime.settings import settings_config
+
+EXECUTED_HERE = frozenset(name for name, spec in TOOL_SPECS.items() if spec.executor == "tools")
+
+
+class ToolLimits(BaseModel):
+    """How one tool is run in one replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(gt=0)
+    """Timeout of one call, counted from when it has a slot."""
+    concurrency: int = Field(ge=1)
+    """Calls of this tool at once in this replica; more wait for a slot."""
+    breaker_failures: int = Field(ge=1)
+    """Consecutive failures that open the tool's circuit breaker."""
+    breaker_reset_s: float = Field(gt=0)
+    """How long an open circuit rejects calls before it lets one probe through."""
+
+
+class ToolLimitsOverride(BaseModel):
+    """One tool's entry in TOOLS_LIMITS: any field it leaves out keeps the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1)
+    breaker_failures: int | None = Field(default=None, ge=1)
+    breaker_reset_s: float | None = Field(default=None, gt=0)
 
 
 class ToolsSettings(BaseSettings):
     model_config = settings_config("TOOLS_")
 
     timeout_s: float = Field(default=10.0, gt=0)
+    """Default timeout of one tool call, in seconds."""
+    concurrency: int = Field(default=8, ge=1)
+    """Default number of calls of one tool at once, per replica."""
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=30.0, gt=0)
+    limits: Annotated[dict[str, ToolLimitsOverride], NoDecode] = Field(default_factory=dict)
+    """Per-tool overrides as JSON: {"http_get": {"timeout_s": 5, "concurrency": 4}}."""
     sandbox_dir: Path | None = None
     """Where save_note writes; defaults to <SWITCHBOARD_DATA_DIR>/sandbox."""
     http_enabled: bool = False
     http_allowed_hosts: Annotated[frozenset[str], NoDecode] = frozenset()
     """Comma-separated host names http_get may fetch from."""
-    http_max_bytes: int = 200_000
+    http_max_bytes: int = Field(default=200_000, ge=1)
+
+    @classmethod
+    def from_env(cls) -> ToolsSettings:
+        """The settings, or a ConfigurationError that names each bad variable."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"TOOLS_{str(e['loc'][0]).upper()}"
+                + (f" [{'.'.join(str(p) for p in e['loc'][1:])}]" if len(e["loc"]) > 1 else "")
+                + f": {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ConfigurationError(f"invalid tool executor settings: {problems}") from exc
 
     @field_validator("http_allowed_hosts", mode="before")
     @classmethod
@@ -26,3 +80,29 @@ class ToolsSettings(BaseSettings):
         if isinstance(value, str):
             return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
         return value
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"not JSON ({exc})") from exc
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - EXECUTED_HERE)
+            if unknown:
+                raise ValueError(f"unknown tools {unknown}; this executor runs {sorted(EXECUTED_HERE)}")
+        return value
+
+    def limits_for(self, tool: str) -> ToolLimits:
+        override = self.limits.get(tool)
+        defaults = ToolLimits(
+            timeout_s=self.timeout_s,
+            concurrency=self.concurrency,
+            breaker_failures=self.breaker_failures,
+            breaker_reset_s=self.breaker_reset_s,
+        )
+        if override is None:
+            return defaults
+        return defaults.model_copy(update=override.model_dump(exclude_none=True))

@@ -32,6 +32,12 @@ class ConfigurationError(SwitchboardError, ValueError):
 class Retryable(SwitchboardError):
     """A transient failure: the message is tried again after a backoff."""
 
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """When the failing side knows it will not recover sooner (an open circuit, a provider's
+        Retry-After), the backoff is at least this long."""
+
 
 class ConcurrentUpdate(Retryable):
     """Another replica changed the same state first (e.g. during a rebalance); reload and retry."""

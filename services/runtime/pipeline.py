@@ -198,6 +198,9 @@ class MessagePipeline:
         """Park the message, unchanged, in the retry topic of its attempt, due after a backoff."""
         attempt = attempt_of(delivery)
         delay = self.retry.backoff(attempt, self._rng)
+        hint = error.retry_after_s if isinstance(error, Retryable) else None
+        if hint is not None:
+            delay = max(delay, min(hint, self.retry.max_backoff_s))
         headers = dict(delivery.headers)
         for name, value in zip(
             ORIGIN, (delivery.topic, delivery.partition, delivery.offset, delivery.timestamp_ms), strict=True

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import time
+from collections.abc import Mapping
 
 import pytest
 
 from schemas.envelope import Envelope
-from schemas.events import GoalSubmitted
+from schemas.events import GoalSubmitted, WorkDeadLettered, decode_event
 from services.runtime.bus import Delivery, Outgoing, Subscription
-from services.runtime.errors import Permanent, Retryable
+from services.runtime.errors import BudgetExceeded, GoalStopped, Permanent, Retryable
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
 
 
@@ -188,3 +187,43 @@ def test_retry_and_dead_letter_topic_names_come_from_the_origin_topic() -> None:
     topics = Topics("sb", ("researcher",), retry_levels=2)
     assert topics.with_retries(("sb.tools",)) == ("sb.tools", "sb.tools.retry.1", "sb.tools.retry.2")
     assert "sb.tools.retry.2" in topics.all_topics() and "sb.tools.retry.3" not in topics.all_topics()
+
+
+async def test_a_failure_that_knows_when_it_recovers_waits_at_least_that_long() -> None:
+    async def circuit_open(event: Envelope, _: Delivery) -> list[Outgoing]:
+        raise Retryable("circuit open for tool http_get", retry_after_s=0.15)
+
+    pipe, producer = pipeline(circuit_open)  # backoff 0.05 s plus jitter of up to 0.05 s
+    before_ms = time.time() * 1000
+    await pipe.process(delivery(GOAL.to_bytes()))
+    [(_, _, _, headers)] = producer.sent
+    assert int(headers["x-retry-due-ms"]) >= int(before_ms) + 149  # whole milliseconds
+
+
+async def test_a_dead_lettered_goal_event_tells_the_orchestrator_and_keeps_what_the_step_made() -> None:
+    made = Outgoing("t.llm-calls", GoalSubmitted(tenant="acme", goal_id="g1", text="the paid-for call"), "g1")
+
+    async def over_budget(event: Envelope, _: Delivery) -> list[Outgoing]:
+        exc = BudgetExceeded("goal g1 reached max_tokens: limit 500, spent 612", "max_tokens", 500, 612)
+        exc.outputs = [made]
+        raise exc
+
+    producer = RecordingProducer()
+    sub = Subscription("t.agent.researcher", ("t.agent.researcher",), {GoalSubmitted: over_budget})  # type: ignore[dict-item]
+    pipe = MessagePipeline(sub, producer, notify_topic="t.goals")
+    await pipe.process(Delivery("t.agent.researcher", 1, 9, b"g1.r1", GOAL.to_bytes(), {}, 1_700_000_000_000, "t.agent.researcher"))
+    assert [s[0] for s in producer.sent] == ["t.llm-calls", "t.agent.researcher.dlq", "t.goals"]
+    notice = decode_event(producer.sent[2][2])
+    assert isinstance(notice, WorkDeadLettered)
+    assert (notice.goal_id, notice.reason, notice.figures) == ("g1", "budget_exceeded", {"limit": 500, "spent": 612})
+    assert (notice.dlq_topic, notice.original_topic, notice.original_offset) == ("t.agent.researcher.dlq", "t.agent.researcher", 9)
+    assert producer.sent[2][1] == b"g1"  # keyed by goal, like every event on the goals topic
+
+
+async def test_a_handler_whose_goal_was_stopped_is_acked_with_no_outputs() -> None:
+    async def stopped(event: Envelope, _: Delivery) -> list[Outgoing]:
+        raise GoalStopped("g1", "max_tokens limit reached")
+
+    pipe, producer = pipeline(stopped)
+    await pipe.process(delivery(GOAL.to_bytes()))
+    assert producer.sent == []

@@ -8,9 +8,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    GroupCoordinatorNotAvailableError,
+    NotCoordinatorForGroupError,
+)
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_delay,
+    wait_fixed,
+)
 
 from schemas.envelope import Envelope
 from schemas.events import decode_event
@@ -36,6 +48,7 @@ class TopicWatch:
         self.topics = topics
         self.seen: list[Seen] = []
         self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
 
     async def __aenter__(self) -> TopicWatch:
         self._consumer = AIOKafkaConsumer(
@@ -43,9 +56,9 @@ class TopicWatch:
             auto_offset_reset="earliest",
         )
         await self._consumer.start()
-        partitions = await topic_partitions(self.kafka, self.topics)
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
+        self._partitions = await topic_partitions(self.kafka, self.topics)
+        self._consumer.assign(self._partitions)
+        await self._consumer.seek_to_beginning(*self._partitions)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -70,6 +83,27 @@ class TopicWatch:
             while len(matches := [s for s in self.seen if predicate(s)]) < count:
                 await self._poll()
         return matches[:count]
+
+    async def until(self, done: Callable[[list[Seen]], bool], timeout: float = 60.0) -> list[Seen]:
+        """Everything seen, once `done` holds for it; fails the test after `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            while not done(self.seen):
+                await self._poll()
+        return self.seen
+
+    async def caught_up(self, timeout: float = 60.0) -> list[Seen]:
+        """Everything seen once every record on the watched topics, as of now, has been read."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        ends = await consumer.end_offsets(self._partitions)
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        async with asyncio.timeout(timeout):
+            while await behind():
+                await self._poll()
+        return self.seen
 
     async def event(self, kind: type, /, timeout: float = 60.0, **fields: Any) -> Any:
         def match(s: Seen) -> bool:
@@ -96,12 +130,29 @@ class RawProducer:
     async def __aexit__(self, *exc: object) -> None:
         await self.producer.stop()
 
-    async def send(self, topic: str, value: bytes, key: str = "k") -> None:
+    async def send(self, topic: str, value: bytes | None, key: str = "k") -> None:
+        """`value=None` sends a tombstone: a record with no value at all."""
         headers = [("traceparent", new_traceparent().encode())]
         await self.producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
 
     async def event(self, topic: str, event: Envelope, key: str | None = None) -> None:
         await self.send(topic, event.to_bytes(), key or event.task_id or event.goal_id)
+
+
+async def uncommitted(kafka: KafkaSettings, group: str, topics: list[str]) -> int:
+    """How many records of `topics` the consumer group has not committed yet."""
+    partitions = await topic_partitions(kafka, topics)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.require(), group_id=None, enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return sum(end - max(0, committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
 
 
 def unique(prefix: str) -> str:
@@ -127,3 +178,17 @@ async def eventually(condition: Callable[[], Any], timeout: float = 60.0, interv
         if attempt.retry_state.outcome and not attempt.retry_state.outcome.failed:
             attempt.retry_state.set_result(value)
     return value
+
+
+async def group_members(kafka: KafkaSettings, group: str) -> int:
+    """Members of a consumer group once its assignment is settled (0 while it rebalances)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([group])
+    except (GroupCoordinatorNotAvailableError, NotCoordinatorForGroupError, CoordinatorLoadInProgressError):
+        return 0  # a new broker creates its group coordinator on first use
+    finally:
+        await admin.close()
+    [description] = response.to_object()["groups"]
+    return len(description["members"]) if description["state"] == "Stable" else 0

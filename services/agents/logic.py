@@ -133,6 +133,10 @@ async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
             if event.resume and cp.status == "cancelled":
                 log.info("task %s resumes at step %d", event.task_id, cp.step)
                 return cp, await think(deps, cp, event)
+            if event.resume and cp.status in ("done", "failed"):
+                # It ended while its goal was failed, so the orchestrator dropped the result: send
+                # the same event again (same id, so it is applied once).
+                return None, [o.restore() for o in cp.outbox if isinstance(o.event, TaskCompleted | TaskFailed)]
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
         if deps.recall_k == 0:

@@ -7,6 +7,7 @@ reopens the goal, and its stopped tasks continue from their checkpoints.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from services.runtime.catalogue import AgentCatalogue
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway
 from services.runtime.prompts import Prompt
+
+log = logging.getLogger("switchboard.orchestrator")
 
 
 class TaskRecord(BaseModel):
@@ -250,7 +253,11 @@ async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
         if state is None or state.status != "failed" or state.plan is None:
             return None, []
-        if any(t.status == "failed" for t in state.tasks.values()):
+        failed = [pid for pid, t in state.tasks.items() if t.status == "failed"]
+        if failed:
+            # The redrive cleared the budget's stop flag for its work; this goal stays failed.
+            log.warning("goal %s not reopened: task %s failed outright", event.goal_id, failed[0])
+            await deps.budget.stop(event.tenant, event.goal_id, f"task {failed[0]} failed")
             return None, []
         state.status = "running"
         await deps.budget.reopen(event.tenant, event.goal_id)

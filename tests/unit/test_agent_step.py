@@ -222,3 +222,16 @@ async def test_a_task_of_a_stopped_goal_parks_and_resumes_from_its_checkpoint(
     assert deps.llm.offline.calls == 1
     # A plain re-assignment of a task that is running is ignored.
     assert await logic.start_task(deps, assignment().model_copy(update={"event_id": "third", "resume": True})) == []
+
+
+async def test_a_task_that_finished_while_its_goal_was_failed_sends_its_result_again_on_resume(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        return Turn(content="84")
+
+    deps = make_deps(redis, keys, topics, script=script, recall_k=0)
+    [done] = events_of(await logic.start_task(deps, assignment()), TaskCompleted)
+    again = await logic.start_task(deps, assignment().model_copy(update={"event_id": "reopened", "resume": True}))
+    assert events_of(again, TaskCompleted) == [done]  # the same event: the orchestrator applies it once
+    assert deps.llm.offline.calls == 1

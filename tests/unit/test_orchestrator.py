@@ -166,3 +166,16 @@ async def test_the_plan_records_the_limits_the_goal_runs_under(redis: Redis, key
     assert planned.budget.max_tokens == 9_000 and planned.budget.max_cost_usd == 5.0
     status = await deps.budget.status("acme", "g1")
     assert status is not None and status.limits == planned.budget and status.spent["steps"] == 1
+
+
+async def test_a_goal_with_a_task_that_failed_outright_is_not_reopened_and_stays_stopped(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = make_deps(redis, keys, topics)
+    [r1, r2] = of(await logic.plan_goal(deps, GOAL), TaskAssigned)
+    await logic.record_task_result(deps, TaskFailed(**r1.caused(), kind="researcher", reason="max_steps"))
+    await deps.budget.reopen("acme", "g1")  # what a redrive does before the orchestrator decides
+    reopened = GoalReopened(tenant="acme", goal_id="g1", reason="redrive", requested_by="ops")
+    assert await logic.reopen(deps, reopened) == []
+    with pytest.raises(GoalStopped, match="task r1 failed"):
+        await deps.budget.admit("acme", "g1", est_tokens=1, est_cost=0)

@@ -1,22 +1,13 @@
-"""Dead-letter records: read back from the namespace's `<topic>.dlq` topics, chosen, counted, and
-redriven to the topic they came from so that their goal resumes where it stopped.
-
-A redrive never removes a record from its dead-letter topic (Kafka topics are append-only). It
-writes an audit record naming it, and later redrives skip what the audit trail says was redriven.
-"""
+"""Dead-letter records: read back from the namespace's `<topic>.dlq` topics, chosen and counted.
+Sending them back where they came from is services/ops/redrive.py."""
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
-import math
 import re
-import socket
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any, get_args
@@ -28,21 +19,13 @@ from redis.asyncio import Redis
 from memory.keys import RedisKeys
 from memory.timeline import GoalTimeline, TimelineEntry
 from schemas.envelope import Envelope
-from schemas.events import AuditRecorded, GoalReopened, decode_event
+from schemas.events import decode_event
 from schemas.topics import DLQ_SUFFIX, Topics
 from services.ops.kafka_client import read_one, read_to_end
-from services.runtime.budget import BudgetLedger
-from services.runtime.bus import Producer
-from services.runtime.errors import ConfigurationError, DeadLetterReason, SwitchboardError
-from services.runtime.pipeline import ATTEMPT, TRACEPARENT
+from services.runtime.errors import DeadLetterReason
 from services.runtime.settings import KafkaSettings
-from services.runtime.tracecontext import child_traceparent
 
 REASONS: tuple[str, ...] = get_args(DeadLetterReason)
-REDRIVEN_FROM = "x-redriven-from"
-REDRIVE_ACTION = "dlq.redrive"
-# What the failed attempts added to the message. A redrive drops them: the message is tried afresh.
-_ATTEMPT_HEADER_PREFIXES = ("x-dlq-", "x-retry-", "x-origin-")
 
 
 def record_id(topic: str, partition: int, offset: int) -> str:
@@ -129,15 +112,6 @@ class DeadLetter:
             return None
         tenant = doc.get("tenant") if isinstance(doc, dict) else None
         return tenant if isinstance(tenant, str) and tenant else None
-
-    def redrive_headers(self) -> dict[str, str]:
-        """The original headers without what the failed attempts added, naming this record."""
-        headers = {
-            name: value for name, value in self.headers.items()
-            if name != ATTEMPT and name != REDRIVEN_FROM and not name.startswith(_ATTEMPT_HEADER_PREFIXES)
-        }
-        headers[REDRIVEN_FROM] = self.id
-        return headers
 
     def summary(self) -> dict[str, Any]:
         event = self.event
@@ -257,23 +231,6 @@ async def fetch(kafka: KafkaSettings, record_id_: str) -> DeadLetter | None:
     return DeadLetter.from_record(record) if record is not None else None
 
 
-def redriven_ids(audit_values: Iterable[bytes]) -> set[str]:
-    """IDs of the records an audit trail says were redriven (dry runs write no audit)."""
-    ids: set[str] = set()
-    for raw in audit_values:
-        try:
-            event = decode_event(raw)
-        except (ValidationError, ValueError):
-            continue
-        if isinstance(event, AuditRecorded) and event.action == REDRIVE_ACTION and not event.detail.get("dry_run"):
-            ids.add(event.subject)
-    return ids
-
-
-async def read_redriven(kafka: KafkaSettings, topics: Topics) -> set[str]:
-    return redriven_ids(r.value for r in await read_to_end(kafka, [topics.audit]) if r.value)
-
-
 async def last_steps(redis: Redis, keys: RedisKeys, tenant: str, goal_id: str, count: int) -> list[Envelope]:
     """The newest `count` events of the goal's timeline, oldest first.
 
@@ -329,171 +286,3 @@ def tally(records: list[DeadLetter], dlq_topics: list[str], window: timedelta, n
     by_topic = {t: Tally() for t in dlq_topics} | count(lambda r: r.dlq_topic)
     by_reason = dict(sorted(count(lambda r: r.reason or "(none)").items(), key=lambda kv: -kv[1].depth))
     return DlqStats(window, by_topic, by_reason)
-
-
-def default_actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):  # no login name in this environment
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def goals_to_reopen(records: Iterable[DeadLetter]) -> list[tuple[str, str]]:
-    """(tenant, goal_id) of each goal the records belong to, once, in the order they come up."""
-    goals: dict[tuple[str, str], None] = {}
-    for record in records:
-        if record.event is not None:
-            goals.setdefault((record.event.tenant, record.event.goal_id), None)
-    return list(goals)
-
-
-@dataclass(frozen=True)
-class RedrivePlan:
-    records: list[DeadLetter]
-    """To redrive, oldest first."""
-    skipped: list[DeadLetter]
-    """Redriven before, by the audit trail, and not asked to be redriven again."""
-
-    @property
-    def undecodable(self) -> list[DeadLetter]:
-        """Poison: republished without a reopen, they will most likely be dead-lettered again."""
-        return [r for r in self.records if r.event is None]
-
-    @property
-    def goals(self) -> list[tuple[str, str]]:
-        return goals_to_reopen(self.records)
-
-
-def plan_redrive(selected: list[DeadLetter], redriven_before: set[str], again: bool) -> RedrivePlan:
-    if again:
-        return RedrivePlan(selected, [])
-    return RedrivePlan(
-        [r for r in selected if r.id not in redriven_before], [r for r in selected if r.id in redriven_before]
-    )
-
-
-class Pace:
-    """Spaces calls at least 1/rate seconds apart.
-
-    A redrive sends one record at a time and waits for its ack, so even spacing is all the throttle
-    it needs; a token-bucket library (aiolimiter) would add a dependency for bursts it never makes.
-    """
-
-    def __init__(
-        self, rate: float, clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        if rate <= 0:
-            raise ValueError("the rate must be positive")
-        self.interval = 1.0 / rate
-        self.clock = clock
-        self.sleep = sleep
-        self._next = -math.inf
-
-    async def wait(self) -> None:
-        delay = self._next - self.clock()
-        if delay > 0:
-            await self.sleep(delay)
-        self._next = max(self._next, self.clock()) + self.interval
-
-
-@dataclass(frozen=True)
-class RedriveDeps:
-    producer: Producer
-    topics: Topics
-    actor: str
-    budget: BudgetLedger | None
-    """None without Redis: then only records that belong to no goal (poison) can be redriven."""
-    default_tenant: str
-    """Tenant of the audit record of a message that does not say (poison)."""
-    pace: Pace
-
-
-@dataclass
-class RedriveReport:
-    redriven: list[DeadLetter] = field(default_factory=list)
-    reopened: list[tuple[str, str]] = field(default_factory=list)
-    """(tenant, goal_id) of the goals reopened."""
-
-
-class RedriveInterrupted(SwitchboardError):
-    """A record could not be redriven; `report` says what was done before it."""
-
-    def __init__(self, record: DeadLetter, report: RedriveReport, cause: BaseException) -> None:
-        super().__init__(f"could not redrive {record.id}: {type(cause).__name__}: {cause}")
-        self.record = record
-        self.report = report
-
-
-async def redrive(
-    deps: RedriveDeps, records: list[DeadLetter], done: Callable[[DeadLetter], None] | None = None
-) -> RedriveReport:
-    """Republish each record to its original topic, as it first was, after reopening its goal.
-
-    Key and value are unchanged, so the event keeps its id; the headers are the original ones
-    without those the failed attempts added, so the message starts again at attempt 1. Each goal is
-    reopened once, before its first record: its budget is let run again, and the orchestrator is
-    told (GoalReopened) so it reopens the failed goal and resumes its parked tasks. Consumers then
-    continue from their checkpoints, and idempotency keys keep a side effect that did happen from
-    happening again. Every record redriven gets an audit record. Raises RedriveInterrupted at the
-    first record that cannot be redriven.
-    """
-    if deps.budget is None and any(r.event is not None for r in records):
-        raise ConfigurationError("REDIS_URL is not set: a redrive needs Redis to reopen the goals of these records")
-    report = RedriveReport()
-    reopened: set[tuple[str, str]] = set()
-    for record in records:
-        try:
-            await deps.pace.wait()
-            event = record.event
-            if event is not None and (event.tenant, event.goal_id) not in reopened:
-                await _reopen(deps, record, event)
-                reopened.add((event.tenant, event.goal_id))
-                report.reopened.append((event.tenant, event.goal_id))
-            await deps.producer.send(record.original_topic, record.key, record.value, record.redrive_headers())
-            await _audit(deps, record)
-        except Exception as exc:
-            raise RedriveInterrupted(record, report, exc) from exc
-        report.redriven.append(record)
-        if done is not None:
-            done(record)
-    return report
-
-
-async def _reopen(deps: RedriveDeps, record: DeadLetter, event: Envelope) -> None:
-    assert deps.budget is not None
-    await deps.budget.reopen(event.tenant, event.goal_id)
-    notice = GoalReopened(
-        tenant=event.tenant, goal_id=event.goal_id, causation_id=event.event_id, reason="redrive",
-        requested_by=deps.actor,
-    )
-    await _publish(deps, deps.topics.goals, notice, event.goal_id, record)
-
-
-async def _audit(deps: RedriveDeps, record: DeadLetter) -> None:
-    event = record.event
-    entry = AuditRecorded(
-        tenant=event.tenant if event else deps.default_tenant,
-        goal_id=record.goal_id or "unknown",
-        task_id=event.task_id if event else None,
-        causation_id=event.event_id if event else None,
-        action=REDRIVE_ACTION,
-        actor=deps.actor,
-        subject=record.id,
-        detail={
-            "target_topic": record.original_topic,
-            "reason": record.reason,
-            "goal_id": record.goal_id,
-            "event_type": event.event_type if event else None,
-            "event_id": event.event_id if event else None,
-            "dry_run": False,
-        },
-    )
-    await _publish(deps, deps.topics.audit, entry, record.id, record)
-
-
-async def _publish(deps: RedriveDeps, topic: str, event: Envelope, key: str, record: DeadLetter) -> None:
-    # In the trace of the goal the record belongs to.
-    headers = {TRACEPARENT: child_traceparent(record.headers.get(TRACEPARENT)), "event_type": event.event_type}
-    await deps.producer.send(topic, key.encode(), event.to_bytes(), headers)

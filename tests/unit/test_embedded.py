@@ -43,3 +43,28 @@ def test_run_without_a_goal_explains_usage() -> None:
     result = CliRunner().invoke(app, ["run"])
     assert result.exit_code == 2
     assert "Missing argument" in result.output
+
+
+def test_a_goal_run_with_a_lower_step_limit_fails_on_it_and_says_by_how_much(data_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--max-steps", "2", "What is 12*7 and what is Apache Kafka?"])
+    assert result.exit_code == 1, result.output
+    out = result.output
+    assert "budget: max_steps=2," in out, "the plan runs under the limit asked for"
+    failed = out.split("goal failed", 1)[1]
+    assert "budget_exceeded (limit 2, spent 2)" in failed
+    assert "final answer" not in out
+
+
+@pytest.mark.parametrize(
+    ("command", "refused"),
+    [
+        (["run", "--max-tokens", "0"], "Invalid value for --max-tokens: input should be greater than or equal to 1 (got 0)"),
+        (["goal", "submit", "--max-cost", "0"], "Invalid value for --max-cost: input should be greater than 0 (got 0.0)"),
+    ],
+)
+def test_a_budget_the_limits_refuse_is_a_usage_error_naming_the_option(data_dir: Path, command: list[str], refused: str) -> None:
+    result = CliRunner().invoke(app, [*command, "What is 6*7"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.replace("│", " ").split())  # the error panel wraps at the terminal width
+    assert refused in said
+    assert list(data_dir.iterdir()) == [], "refused before anything started (a run opens its stores there)"

@@ -1,0 +1,73 @@
+"""What every `switchboard` command shares: its consoles, its log set-up, help text that reads well
+at any width, and running its coroutine with broker failures turned into a message and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from rich.console import Console
+from rich.markup import escape
+
+from services.runtime.errors import ConfigurationError
+from services.runtime.host import Settings
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+TenantOption = Annotated[str | None, typer.Option(help="Tenant the goal belongs to (default: $SWITCHBOARD_TENANT, else 'default').")]
+
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def reflowed(*texts: str) -> str:
+    """The paragraphs of `texts` (docstrings, say), each on one line.
+
+    Rich help keeps a text's line breaks, so a docstring wrapped for the source breaks its sentences
+    mid-line at any other terminal width; one line a paragraph lets rich wrap it to the terminal."""
+    paragraphs = (p for text in texts for p in inspect.cleandoc(text).split("\n\n"))
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def command(app: typer.Typer, name: str, *notes: str) -> Callable[[Command], Command]:
+    """Registers a command of `app` with its docstring, then `notes` (more paragraphs), as help, re-flowed."""
+
+    def register(fn: Command) -> Command:
+        app.command(name, help=reflowed(fn.__doc__ or "", *notes))(fn)
+        return fn
+
+    return register
+
+
+def setup_logging(settings: Settings, quiet: bool) -> None:
+    level = logging.WARNING if quiet else getattr(logging, settings.platform.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("LiteLLM", "litellm", "httpx", "aiokafka", "LiteLLM Router"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> int:
+    """Runs a command's coroutine; its result is the exit code, and so is a failure it did not expect."""
+    try:
+        result = asyncio.run(coro)
+    except ConfigurationError as exc:
+        err.print(f"[red]{exc}[/]")
+        return 2
+    except KafkaConnectionError as exc:
+        err.print(f"[red]cannot reach Kafka: {exc}. Is it running (`make infra-up`), and is KAFKA_BOOTSTRAP_SERVERS right?[/]")
+        return 2
+    except KafkaError as exc:
+        err.print(f"[red]Kafka refused: {type(exc).__name__}: {escape(str(exc))}[/]")
+        return 1
+    except TimeoutError:
+        err.print("[red]timed out waiting for Kafka[/]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)

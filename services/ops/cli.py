@@ -90,7 +90,23 @@ def budget_limits(
     except ValidationError as exc:
         error = exc.errors()[0]
         option = _BUDGET_OPTION.get(str(error["loc"][0]) if error["loc"] else "")
-        raise typer.BadParameter(f"{error['msg'].lower()} (got {error['input']!r})", param_hint=option) from exc
+        raise typer.BadParameter(f"{_lower_first(error['msg'])} (got {error['input']!r})", param_hint=option) from exc
+
+
+def _lower_first(message: str) -> str:
+    return message[:1].lower() + message[1:]
+
+
+def new_goal(text: str, tenant: str, budget: BudgetLimits) -> GoalSubmitted:
+    """The submission; a usage error (exit 2) naming the argument for an empty or oversized goal
+    or a malformed tenant."""
+    try:
+        return GoalSubmitted(tenant=tenant, goal_id=f"g-{new_id()}", text=text, budget=budget)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = str(error["loc"][0]) if error["loc"] else ""
+        hint = {"text": "GOAL", "tenant": "--tenant"}.get(where, where)
+        raise typer.BadParameter(_lower_first(error["msg"]), param_hint=hint) from exc
 
 
 def _all_services(settings: Settings) -> list[ServiceSpec]:
@@ -123,14 +139,12 @@ def run(
     """
     budget = budget_limits(max_steps, max_tokens, max_cost, max_tool_calls, deadline)
     settings = Settings()
+    event = new_goal(goal, tenant or settings.platform.tenant, budget)
     setup_logging(settings, quiet=True)
     from services.ops.progress import ProgressView
 
     async def main() -> int:
         async with run_embedded(_all_services(settings), settings) as (bus, runtime):
-            event = GoalSubmitted(
-                tenant=tenant or settings.platform.tenant, goal_id=f"g-{new_id()}", text=goal, budget=budget
-            )
             view = ProgressView(console, event.goal_id)
             finished = asyncio.Event()
 
@@ -211,13 +225,13 @@ def submit(
     """
     budget = budget_limits(max_steps, max_tokens, max_cost, max_tool_calls, deadline)
     settings = Settings()
+    event = new_goal(text, tenant or settings.platform.tenant, budget)
     setup_logging(settings, quiet=True)
     from services.ops.kafka_client import goal_events, goal_follower, publish
     from services.ops.progress import ProgressView
     from services.runtime.kafka_bus import ensure_topics
 
     topics = Topics(settings.platform.namespace, AgentCatalogue.load(settings.platform.agents_dir).names)
-    event = GoalSubmitted(tenant=tenant or settings.platform.tenant, goal_id=f"g-{new_id()}", text=text, budget=budget)
 
     async def main() -> int:
         if not follow:

@@ -68,3 +68,10 @@ def test_a_budget_the_limits_refuse_is_a_usage_error_naming_the_option(data_dir:
     said = " ".join(result.output.replace("│", " ").split())  # the error panel wraps at the terminal width
     assert refused in said
     assert list(data_dir.iterdir()) == [], "refused before anything started (a run opens its stores there)"
+
+
+@pytest.mark.parametrize(("args", "named"), [(["run", ""], "GOAL"), (["run", "hi", "--tenant", "a b"], "--tenant")])
+def test_a_bad_goal_or_tenant_is_a_usage_error_naming_it(args: list[str], named: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"Invalid value for {named}" in result.output

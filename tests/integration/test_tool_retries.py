@@ -3,11 +3,6 @@ topics with a real backoff, and a denied call is dead-lettered once, with no rep
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from services.runtime.host import ServiceSpec, Settings
 from services.runtime.kafka_bus import topic_partitions
 from services.runtime.settings import KafkaSettings, PlatformSettings
 from tests.integration.conftest import serving
+from tests.support.http import loopback_server
 from tests.support.kafka import RawProducer, TopicWatch
 
 BACKOFF_S = 0.3
@@ -49,36 +45,6 @@ def browser_settings(settings: Settings, tmp_path: Path, monkeypatch: pytest.Mon
     return settings
 
 
-@contextmanager
-def flaky_server(statuses: list[int]) -> Iterator[tuple[str, list[float]]]:
-    """A loopback server that answers with `statuses` in turn, then 200; yields its base URL and
-    the time of each request it got."""
-    hits: list[float] = []
-
-    class Flaky(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            hits.append(time.time())
-            status = statuses.pop(0) if statuses else 200
-            body = f"fetched on attempt {len(hits)}".encode() if status == 200 else b"try later"
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 async def records_on(kafka: KafkaSettings, topic: str) -> int:
     """How many records a topic of this test's namespace holds (its end offsets, from 0)."""
     reader = AIOKafkaConsumer(bootstrap_servers=kafka.require(), group_id=None)
@@ -100,7 +66,7 @@ async def test_a_flaky_tool_is_retried_through_the_retry_topics_and_answers(brow
     settings = browser_settings
     t = Topics(settings.platform.namespace, ("browser",))
     retry_1, retry_2 = Topics.retry(t.tools, 1), Topics.retry(t.tools, 2)
-    with flaky_server([503, 503]) as (base, hits):
+    with loopback_server([503, 503]) as (base, hits):
         async with (
             serving([ServiceSpec("tools")], settings),
             TopicWatch(settings.kafka, [t.agent("browser"), retry_1, retry_2]) as watch,
@@ -110,7 +76,7 @@ async def test_a_flaky_tool_is_retried_through_the_retry_topics_and_answers(brow
             reply = await watch.event(ToolCallCompleted, call_id="c1")
             [first_retry] = await watch.wait_for(lambda s: s.topic == retry_1)
             [second_retry] = await watch.wait_for(lambda s: s.topic == retry_2)
-        requests = list(hits)
+        requests = [hit.at for hit in hits]
 
     assert reply.ok and reply.output == "HTTP 200\nfetched on attempt 3"
     assert len(requests) == 3, "two 503s, then the answer"

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from services.tools import logic, registry
 from services.tools.breaker import CircuitOpen
 from services.tools.limits import ToolLimiter
 from services.tools.settings import ToolsSettings
+from tests.support.http import Hit, loopback_server
 from tests.support.kafka import eventually
 
 
@@ -128,34 +127,13 @@ class ScriptedTool:
         return registry.Tool(self.run)
 
 
-@contextmanager
-def http_server(statuses: list[int]) -> Iterator[tuple[str, list[str]]]:
-    """A loopback server answering GETs with the given statuses in turn (then 200); yields its
-    base URL and the paths it was asked for."""
-    hits: list[str] = []
+def page_server(statuses: list[int]) -> AbstractContextManager[tuple[str, list[Hit]]]:
+    """A loopback server whose pages are 50,000 bytes long: larger than any size limit here."""
+    return loopback_server(statuses, ok_body=lambda _: b"x" * 50_000)
 
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            hits.append(self.path)
-            status = statuses.pop(0) if statuses else 200
-            body = b"x" * 50_000 if status == 200 else f"status {status}".encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def paths(hits: list[Hit]) -> list[str]:
+    return [hit.path for hit in hits]
 
 
 # Side effects run once.
@@ -206,7 +184,7 @@ async def test_invalid_arguments_are_refused_as_schema_invalid(redis: Redis, key
 
 
 async def test_http_get_to_a_host_off_the_allowlist_is_denied_without_a_request(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
-    with http_server([]) as (base, hits):
+    with page_server([]) as (base, hits):
         d = deps(redis, keys, tmp_path, http_hosts=frozenset({"docs.example.org"}))
         with pytest.raises(ToolDenied) as denied:
             await logic.execute(d, request("http_get", {"url": f"{base}/?k=secret"}, kind="browser"))
@@ -215,7 +193,7 @@ async def test_http_get_to_a_host_off_the_allowlist_is_denied_without_a_request(
         with pytest.raises(ToolDenied) as disabled:
             await logic.execute(off, request("http_get", {"url": f"{base}/page"}, kind="browser"))
         assert disabled.value.policy == "TOOLS_HTTP_ENABLED" and "disabled" in str(disabled.value)
-    assert hits == []
+    assert paths(hits) == []
 
 
 # Errors the model can act on come back to the agent.
@@ -228,11 +206,11 @@ async def test_calculator_errors_come_back_to_the_agent(redis: Redis, keys: Redi
 
 
 async def test_an_http_4xx_is_the_pages_answer_for_the_agent(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
-    with http_server([404]) as (base, hits):
+    with page_server([404]) as (base, hits):
         d = deps(redis, keys, tmp_path, http_hosts=frozenset({"127.0.0.1"}))
         out = result(await logic.execute(d, request("http_get", {"url": f"{base}/missing"}, kind="browser")))
     assert out.ok and out.output == "HTTP 404\nstatus 404"
-    assert hits == ["/missing"]
+    assert paths(hits) == ["/missing"]
 
 
 # Transient failures are retried; crashes are dead-lettered as tool_failed.
@@ -240,15 +218,15 @@ async def test_an_http_4xx_is_the_pages_answer_for_the_agent(redis: Redis, keys:
 
 @pytest.mark.parametrize("status", [503, 429])
 async def test_an_http_5xx_or_429_is_retried(redis: Redis, keys: RedisKeys, tmp_path: Path, status: int) -> None:
-    with http_server([status]) as (base, hits):
+    with page_server([status]) as (base, hits):
         d = deps(redis, keys, tmp_path, http_hosts=frozenset({"127.0.0.1"}))
         with pytest.raises(Retryable, match=f"answered {status}"):
             await logic.execute(d, request("http_get", {"url": f"{base}/flaky"}, kind="browser"))
-    assert hits == ["/flaky"]
+    assert paths(hits) == ["/flaky"]
 
 
 async def test_a_refused_connection_is_retried(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
-    with http_server([]) as (base, _):
+    with page_server([]) as (base, _):
         pass  # closed: nothing listens on its port any more
     d = deps(redis, keys, tmp_path, http_hosts=frozenset({"127.0.0.1"}))
     with pytest.raises(Retryable, match="ConnectError"):
@@ -443,7 +421,7 @@ def test_the_agent_validates_arguments_against_the_tool_schema() -> None:
 
 
 async def test_http_get_fetches_from_an_allowlisted_host_and_stops_at_the_size_limit() -> None:
-    with http_server([]) as (base, hits):
+    with page_server([]) as (base, hits):
         fetch = registry.http_get(True, frozenset({"127.0.0.1"}), 1_000, 5.0)
         ctx = registry.CallContext("acme", "g1", "g1.r1", "key")
         output = await fetch.run(HttpGetArgs(url=f"{base}/page"), ctx)
@@ -452,4 +430,4 @@ async def test_http_get_fetches_from_an_allowlisted_host_and_stops_at_the_size_l
         off = registry.http_get(False, frozenset({"127.0.0.1"}), 1_000, 5.0)
         with pytest.raises(ToolDenied, match="disabled"):
             await off.run(HttpGetArgs(url=f"{base}/page"), ctx)
-    assert hits == ["/page"]
+    assert paths(hits) == ["/page"]

@@ -90,7 +90,8 @@ def classify_undecodable(raw: bytes, error: Exception) -> DeadLetterReason:
         return "poison"
     if not isinstance(doc, dict):
         return "schema_invalid"
-    if doc.get("event_type") not in EVENT_TYPES:
+    event_type = doc.get("event_type")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         return "unknown_event"
     return "schema_invalid"
 
@@ -125,10 +126,12 @@ class MessagePipeline:
         Raises TransportFailure when outputs could not be produced: the caller must then
         not commit this message (it will be redelivered).
         """
+        on_retry_topic = Topics.origin(delivery.topic) != delivery.topic
         owner = delivery.headers.get(RETRY_GROUP)
-        if owner is not None and owner != self.subscription.group:
+        if on_retry_topic and owner is not None and owner != self.subscription.group:
             return  # a retry of another consumer group that reads the same topic
-        await self._wait_until_due(delivery)
+        if on_retry_topic:
+            await self._wait_until_due(delivery)
         event, rejection = self._decode(delivery)
         if rejection is not None and self.subscription.observer:
             log.warning(
@@ -148,10 +151,10 @@ class MessagePipeline:
         assert rejection is not None
         await self.dead_letter(delivery, rejection, event)
 
-    @staticmethod
-    async def _wait_until_due(delivery: Delivery) -> None:
+    async def _wait_until_due(self, delivery: Delivery) -> None:
         """A retried message waits out its backoff here. It holds one in-flight slot and the
-        commits of its retry partition (whose messages are waiting too), never its origin's."""
+        commits of its retry partition (whose messages are waiting too), never its origin's.
+        Never longer than the longest backoff, whatever the header says."""
         due_ms = delivery.headers.get(RETRY_DUE_MS)
         if due_ms is None:
             return
@@ -159,8 +162,9 @@ class MessagePipeline:
             delay = int(due_ms) / 1000 - time.time()
         except ValueError:
             return
+        longest = self.retry.max_backoff_s + self.retry.backoff_s
         if delay > 0:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, longest))
 
     def _decode(self, delivery: Delivery) -> tuple[Envelope | None, Rejection | None]:
         if len(delivery.value) > MAX_MESSAGE_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 
@@ -47,6 +48,9 @@ async def echo(event: Envelope, _: Delivery) -> list[Outgoing]:
         (b'{"event_type": "goal.exploded", "tenant": "a", "goal_id": "g"}', "unknown_event"),
         (b'{"event_type": "goal.submitted", "tenant": "a", "goal_id": "g1"}', "schema_invalid"),
         (b"[1, 2]", "schema_invalid"),
+        (b'{"event_type": ["goal.submitted"], "tenant": "a", "goal_id": "g"}', "unknown_event"),
+        (b'{"event_type": {"x": 1}}', "unknown_event"),
+        (b"", "poison"),
         (b"x" * 1_000_001, "poison"),
     ],
 )
@@ -227,3 +231,19 @@ async def test_a_handler_whose_goal_was_stopped_is_acked_with_no_outputs() -> No
     pipe, producer = pipeline(stopped)
     await pipe.process(delivery(GOAL.to_bytes()))
     assert producer.sent == []
+
+
+async def test_retry_headers_on_a_work_topic_are_ignored_so_nothing_is_silently_skipped() -> None:
+    pipe, producer = pipeline(echo)
+    forged = {"x-retry-group": "t.somebody-else", "x-retry-due-ms": str(int(time.time() * 1000) + 3_600_000)}
+    async with asyncio.timeout(5):
+        await pipe.process(delivery(GOAL.to_bytes(), forged))
+    assert [s[0] for s in producer.sent] == ["t.progress"]
+
+
+async def test_a_retry_never_waits_longer_than_the_longest_backoff() -> None:
+    pipe, producer = pipeline(echo)  # longest backoff: 0.2 s plus 0.05 s of jitter
+    far = {"x-retry-group": "t.orchestrator", "x-attempt": "2", "x-retry-due-ms": str(int(time.time() * 1000) + 3_600_000)}
+    async with asyncio.timeout(5):  # not an hour
+        await pipe.process(Delivery("t.goals.retry.1", 0, 1, b"k1", GOAL.to_bytes(), far, 0, "t.orchestrator"))
+    assert [s[0] for s in producer.sent] == ["t.progress"]

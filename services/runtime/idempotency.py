@@ -17,6 +17,9 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from memory.keys import RedisKeys
 from memory.state import Versioned, VersionedStore
@@ -118,11 +121,25 @@ class SideEffectGuard:
             stored = json.loads(raw) if raw else {}
             if stored.get("state") == "done":
                 return str(stored["result"]), True
-            raise Retryable(f"side effect {digest[:12]} is being run by another executor")
+            # The claim is someone else's, or an executor's that died (or lost Redis) before it
+            # could record the result: try again once it has expired at the latest.
+            expires_ms = await self.redis.pttl(key)
+            raise Retryable(
+                f"side effect {digest[:12]} is being run by another executor",
+                retry_after_s=expires_ms / 1000 if expires_ms > 0 else None,
+            )
         try:
             result = await action()
         except BaseException:
             await self.redis.delete(key)  # it did not complete: let a retry run it
             raise
-        await self.redis.set(key, json.dumps({"state": "done", "result": result}), ex=self.result_ttl_s)
+        # The side effect happened: record it through a Redis blip rather than run it again.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+            stop=stop_after_delay(self.claim_ttl_s),
+            reraise=True,
+        ):
+            with attempt:
+                await self.redis.set(key, json.dumps({"state": "done", "result": result}), ex=self.result_ttl_s)
         return result, False

@@ -11,6 +11,7 @@ How a tool says what went wrong decides what happens to the request:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -118,7 +119,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def save_note(sandbox: Path) -> Tool:
-    """Appends one record per run to <sandbox>/<tenant>/notes.jsonl: a real, countable side effect."""
+    """Appends one record per idempotency key to <sandbox>/<tenant>/notes.jsonl: a real, countable
+    side effect. Like an external API that takes an idempotency key, it also refuses a key it has
+    written already: the last line of defence when the executor's Redis record of the run was lost."""
 
     async def run(args: ToolArgs, ctx: CallContext) -> str:
         assert isinstance(args, SaveNoteArgs)
@@ -131,15 +134,19 @@ def save_note(sandbox: Path) -> Tool:
             "idempotency_key": ctx.idempotency_key,
             "written_at": datetime.now(UTC).isoformat(),
         }
-        await asyncio.to_thread(_append, directory / "notes.jsonl", json.dumps(record))
+        await asyncio.to_thread(_append_once, directory / "notes.jsonl", json.dumps(record), ctx.idempotency_key)
         return f"saved note {args.title!r} ({len(args.body)} characters)"
 
     return Tool(run)
 
 
-def _append(path: Path, line: str) -> None:
+def _append_once(path: Path, line: str, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
+    with path.open("a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # check and append as one step across executors
+        handle.seek(0)
+        if any(json.loads(existing).get("idempotency_key") == key for existing in handle if existing.strip()):
+            return
         handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())

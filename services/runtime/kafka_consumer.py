@@ -7,6 +7,8 @@
 - When `max_in_flight` messages are in flight, every partition is paused, so memory is bounded.
 - On revocation, in-flight work of the revoked partitions gets `revoke_grace_s` to finish and be
   committed; what is still running then is cancelled, uncommitted, and will be redelivered.
+- A message the pipeline itself fails on (a bug) is dead-lettered, not left to hold back every
+  later commit of its partition.
 
 FastStream's subscribers process one message at a time per subscriber (or per partition with
 `max_workers`), which caps a group at one model call per partition; hence this module, on
@@ -28,7 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from services.runtime.bus import Delivery
 from services.runtime.concurrency import KeyedScheduler, PartitionOffsets
 from services.runtime.errors import TransportFailure
-from services.runtime.pipeline import MessagePipeline
+from services.runtime.pipeline import MessagePipeline, Rejection
 from services.runtime.settings import KafkaSettings
 
 log = logging.getLogger("switchboard.consumer")
@@ -129,7 +131,7 @@ class ConcurrentKafkaConsumer:
             partition=record.partition,
             offset=record.offset,
             key=record.key,
-            value=record.value,
+            value=b"" if record.value is None else record.value,  # a tombstone: no value at all
             headers={k: v.decode(errors="replace") for k, v in (record.headers or ())},
             timestamp_ms=record.timestamp,
             group=self.group,
@@ -143,11 +145,34 @@ class ConcurrentKafkaConsumer:
                 # skip this message; stop the process instead so that the group redelivers it.
                 log.critical("%s: cannot produce outputs; exiting without committing", self.group, exc_info=True)
                 os._exit(75)
+            except Exception as exc:
+                if not await self._set_aside(delivery, exc):
+                    return  # left uncommitted: its partition's commits stop here
             self._finished(tp, record.offset)
 
         task = self.scheduler.submit((tp, record.key), job)
         self._tasks[tp].add(task)
         task.add_done_callback(self._tasks[tp].discard)
+
+    async def _set_aside(self, delivery: Delivery, exc: Exception) -> bool:
+        """The pipeline itself failed on this message (it turns a handler's failures into retries
+        and dead letters, so this is a bug). Left uncommitted, it would hold back every later
+        commit of its partition, and a redelivery would fail the same way; so the owning group
+        dead-letters it, as poison, and an observer skips it. True once it may be committed."""
+        where = f"{delivery.topic}[{delivery.partition}]@{delivery.offset}"
+        if self.pipeline.subscription.observer:
+            log.error("%s: skipped %s, which the pipeline failed on", self.group, where, exc_info=exc)
+            return True
+        log.error("%s: dead-letters %s, which the pipeline failed on", self.group, where, exc_info=exc)
+        try:
+            await self.pipeline.dead_letter(delivery, Rejection("poison", exc))
+        except TransportFailure:
+            log.critical("%s: cannot produce outputs; exiting without committing", self.group, exc_info=True)
+            os._exit(75)
+        except Exception:
+            log.critical("%s: could not dead-letter %s; it stays uncommitted", self.group, where, exc_info=True)
+            return False
+        return True
 
     def _finished(self, tp: TopicPartition, offset: int) -> None:
         offsets = self._offsets.get(tp)

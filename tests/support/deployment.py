@@ -10,15 +10,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import (
-    CoordinatorLoadInProgressError,
-    GroupCoordinatorNotAvailableError,
-    NotCoordinatorForGroupError,
-)
-
 from services.runtime.settings import KafkaSettings, RedisSettings
-from tests.support.kafka import eventually, unique
+from tests.support.kafka import eventually, group_members, unique
 
 SWITCHBOARD = str(Path(sys.executable).parent / "switchboard")
 
@@ -73,16 +66,7 @@ class Deployment:
         )
 
     async def members(self, group: str) -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.env["KAFKA_BOOTSTRAP_SERVERS"])
-        await admin.start()
-        try:
-            [response] = await admin.describe_consumer_groups([f"{self.namespace}.{group}"])
-        except (GroupCoordinatorNotAvailableError, NotCoordinatorForGroupError, CoordinatorLoadInProgressError):
-            return 0  # a new broker creates its group coordinator on first use
-        finally:
-            await admin.close()
-        [description] = response.to_object()["groups"]
-        return len(description["members"]) if description["state"] == "Stable" else 0
+        return await group_members(self.kafka, f"{self.namespace}.{group}")
 
     async def members_settled(self, expected: dict[str, int], timeout: float = 120) -> None:
         """Wait until every consumer group has its members and a settled assignment."""
@@ -98,8 +82,11 @@ class Deployment:
         asyncio.run(self.members_settled(expected, timeout))
 
 
-def make_deployment(root: Path, partitions: int = 4, **extra: str) -> Deployment:
-    kafka, redis = KafkaSettings().bootstrap_servers, RedisSettings().url
+def make_deployment(
+    root: Path, partitions: int = 4, kafka: str | None = None, redis: str | None = None, **extra: str
+) -> Deployment:
+    """Services on the given Kafka and Redis; by default the ones the test run was pointed at."""
+    kafka, redis = kafka or KafkaSettings().bootstrap_servers, redis or RedisSettings().url
     if not kafka or not redis:
         raise RuntimeError("this needs real Kafka and Redis: run it through `make test` or `make bench`")
     env = {

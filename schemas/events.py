@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from schemas.budget import BudgetLimits
 from schemas.envelope import Envelope
 from schemas.plan import Plan
+from schemas.tools import MAX_ARGUMENTS_BYTES, arguments_size
 
 MAX_TEXT = 64_000
 
@@ -109,8 +110,17 @@ class ToolCallRequested(Envelope):
     step_id: str
     tool: str
     arguments: dict[str, Any]
+    """At most MAX_ARGUMENTS_BYTES as canonical JSON, whatever the tool's own limits."""
     agent_kind: str
     reply_to: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_are_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = arguments_size(value)
+        if size > MAX_ARGUMENTS_BYTES:
+            raise ValueError(f"arguments are {size} bytes as canonical JSON; the limit is {MAX_ARGUMENTS_BYTES}")
+        return value
 
 
 class ToolCallCompleted(Envelope):
@@ -165,6 +175,10 @@ class LLMCallRecorded(Envelope):
     step_id: str | None = None
     instance: str
     """Which replica made the call (host:pid)."""
+    findings: list[str] = Field(default_factory=list)
+    """Injection markers found in the untrusted data this call saw first (tool output, memories,
+    earlier tasks' results), e.g. `tool:calculator: instruction-like text 'you are now'`. They are
+    evidence; they block nothing."""
 
 
 Event = Annotated[

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TASKS = 12
+MAX_DEPTH = 6
+"""Tasks on the longest dependency chain: a plan is at most this many rounds of work deep."""
+MAX_FAN_IN = 8
+"""Tasks one task may depend on: what it is handed stays within what one model call can read."""
 
 
 class PlannedTask(BaseModel):
@@ -13,7 +17,7 @@ class PlannedTask(BaseModel):
     id: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
     kind: str = Field(min_length=1, max_length=64)
     instruction: str = Field(min_length=1, max_length=4_000)
-    depends_on: list[str] = Field(default_factory=list)
+    depends_on: list[str] = Field(default_factory=list, max_length=MAX_FAN_IN)
 
 
 class Plan(BaseModel):
@@ -33,12 +37,20 @@ class Plan(BaseModel):
                 raise ValueError(f"task {task.id!r} depends on unknown tasks {missing}")
             if task.id in task.depends_on:
                 raise ValueError(f"task {task.id!r} depends on itself")
-        # Kahn's algorithm: a plan with a cycle would never finish.
+        # Kahn's algorithm: a plan with a cycle would never finish. Each round is one level of
+        # depth, so the rounds count the longest chain.
         remaining = {t.id: set(t.depends_on) for t in self.tasks}
+        depth = 0
         while remaining:
             ready = [tid for tid, deps in remaining.items() if not deps]
             if not ready:
                 raise ValueError(f"tasks {sorted(remaining)} form a dependency cycle")
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ValueError(
+                    f"the dependency chain is deeper than {MAX_DEPTH} tasks (tasks {sorted(remaining)} are past it); "
+                    "make the plan flatter"
+                )
             for tid in ready:
                 del remaining[tid]
             for deps in remaining.values():

@@ -6,15 +6,27 @@ executors validate again on receipt. Implementations live in the executing servi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_ARGUMENTS_BYTES = 32 * 1024
+"""The largest canonical JSON (UTF-8) of one tool call's arguments."""
+
+
+def arguments_size(arguments: dict[str, Any]) -> int:
+    """Bytes of the canonical JSON of `arguments`: sorted keys, no spaces, UTF-8."""
+    return len(json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
 
 class ToolArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: arguments arrive JSON-decoded, so a string stays a string and a number a number.
+    `{"k": "3"}` or `{"expression": 5}` is refused, not coerced. Every string has a max_length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CalculatorArgs(ToolArgs):

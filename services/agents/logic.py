@@ -26,7 +26,7 @@ from schemas.events import (
     ToolCallCompleted,
     ToolCallRequested,
 )
-from schemas.tools import TOOL_SPECS
+from schemas.tools import MAX_ARGUMENTS_BYTES, TOOL_SPECS, arguments_size
 from schemas.topics import Topics
 from services.agents.runaway import (
     RunawayLimits,
@@ -40,6 +40,7 @@ from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentKind
 from services.runtime.errors import GoalStopped, Permanent
 from services.runtime.idempotency import Ledgered, StepLedger
+from services.runtime.injection import neutralize, scan
 from services.runtime.llm import LLMGateway, ModelToolCall
 from services.runtime.prompts import Prompt
 
@@ -67,6 +68,9 @@ class TaskCheckpoint(Ledgered):
     seen_results: list[str] = []
     """Digests of the tool results so far; a step that brings back only these adds nothing."""
     stale_steps: int = 0
+    findings: list[str] = []
+    """Injection markers in untrusted data that arrived since the last model call: they go on the
+    record of the next call, the first to see that data."""
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,52 @@ class ValidatedCall:
     arguments: dict[str, Any]
 
 
-def untrusted(source: str, body: str, limit: int) -> str:
-    """Data from tools or memory reaches the model delimited, size-limited and marked untrusted."""
-    clipped = body if len(body) <= limit else body[:limit] + "\n[truncated]"
-    return f'<untrusted source="{source}">\n<tool_output>\n{clipped}\n</tool_output>\n</untrusted>'
+@dataclass(frozen=True)
+class Shown:
+    """Untrusted data as the model is shown it, and the injection markers found in it."""
+
+    text: str
+    findings: list[str]
 
 
-def task_message(assignment: TaskAssigned, hits: list[MemoryHit], limit: int) -> dict[str, Any]:
+def clip(text: str, limit: int) -> str:
+    """Neutralized and cut to `limit` characters (neutralized again: a cut can end in a tag)."""
+    clean = neutralize(text)
+    return clean if len(clean) <= limit else neutralize(clean[:limit]) + "\n[truncated]"
+
+
+def untrusted(source: str, body: str, limit: int) -> Shown:
+    """Data from tools reaches the model delimited, size-limited, marked untrusted and unable to
+    close its block; it is scanned in full, before it is cut."""
+    findings = [f.describe(source) for f in scan(body)]
+    text = f'<untrusted source="{source}">\n<tool_output>\n{clip(body, limit)}\n</tool_output>\n</untrusted>'
+    return Shown(text, findings)
+
+
+def task_message(assignment: TaskAssigned, hits: list[MemoryHit], limit: int) -> Shown:
+    """The task, then two blocks of untrusted data: the results of the tasks it depends on (model
+    output that may carry what its own tools read) and the recalled memories."""
     parts = [f"Task: {assignment.instruction}", f"Goal: {assignment.goal_text}"]
+    findings: list[str] = []
     if assignment.inputs:
-        lines = "\n".join(f"[{dep}] {result}" for dep, result in assignment.inputs.items())
-        parts.append(f"<inputs>\n{lines}\n</inputs>")
+        for dep, result in assignment.inputs.items():
+            findings += [f.describe(f"input:{dep}") for f in scan(result)]
+        lines = "\n".join(f"[{dep}] {neutralize(result)}" for dep, result in assignment.inputs.items())
+        parts.append(f'<untrusted source="inputs">\n<inputs>\n{lines}\n</inputs>\n</untrusted>')
     if hits:
+        for h in hits:
+            findings += [f.describe(f"memory:{h.memory_id}") for f in scan(h.text)]
         lines = "\n".join(f"- ({h.kind}) {h.text}" for h in hits)
-        parts.append(f'<untrusted source="memory">\n{lines[:limit]}\n</untrusted>')
-    return {"role": "user", "content": "\n".join(parts)}
+        parts.append(f'<untrusted source="memory">\n{clip(lines, limit)}\n</untrusted>')
+    return Shown("\n".join(parts), findings)
+
+
+def note_findings(cp: TaskCheckpoint, shown: Shown) -> str:
+    """Keep the findings for the next model call's record; the text is what the model is shown."""
+    if shown.findings:
+        log.warning("task %s: injection markers in untrusted data: %s", cp.assignment.task_id, "; ".join(shown.findings))
+        cp.findings += shown.findings
+    return shown.text
 
 
 def validate_call(kind: AgentKind, call: ModelToolCall) -> ValidatedCall | str:
@@ -114,12 +149,19 @@ def validate_call(kind: AgentKind, call: ModelToolCall) -> ValidatedCall | str:
     if call.name not in kind.tools:
         return f"tool {call.name!r} is not allowed for agent kind {kind.name!r}; allowed: {list(kind.tools)}"
     spec = TOOL_SPECS[call.name]
+    # JSON escapes can take six characters for one; beyond that it cannot fit once decoded.
+    if len(call.raw_arguments) > 6 * MAX_ARGUMENTS_BYTES:
+        return f"invalid arguments for {call.name}: more than {MAX_ARGUMENTS_BYTES} bytes"
     try:
         raw = json.loads(call.raw_arguments or "{}")
         args = spec.args.model_validate(raw)
     except (ValueError, ValidationError) as exc:
         return f"invalid arguments for {call.name}: {exc}"
-    return ValidatedCall(call, args.model_dump(mode="json"))
+    arguments = args.model_dump(mode="json")
+    size = arguments_size(arguments)
+    if size > MAX_ARGUMENTS_BYTES:
+        return f"invalid arguments for {call.name}: {size} bytes as JSON; the limit is {MAX_ARGUMENTS_BYTES}"
+    return ValidatedCall(call, arguments)
 
 
 def checkpoint_key(deps: AgentDeps, assignment: TaskAssigned) -> str:
@@ -140,7 +182,8 @@ async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
         if deps.recall_k == 0:
-            cp.messages = [task_message(event, [], deps.tool_output_chars)]
+            shown = task_message(event, [], deps.tool_output_chars)
+            cp.messages = [{"role": "user", "content": note_findings(cp, shown)}]
             return cp, await think(deps, cp, event)
         request = MemoryRecallRequested(
             **event.caused(), request_id=f"{event.task_id}:recall", query=event.instruction,
@@ -155,7 +198,8 @@ async def resume_with_memories(deps: AgentDeps, event: MemoryRecallCompleted) ->
     async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
         if cp is None or cp.status != "recalling" or event.request_id != f"{event.task_id}:recall":
             return None, []  # stale or duplicate
-        cp.messages = [task_message(cp.assignment, event.hits, deps.tool_output_chars)]
+        shown = task_message(cp.assignment, event.hits, deps.tool_output_chars)
+        cp.messages = [{"role": "user", "content": note_findings(cp, shown)}]
         return cp, await think(deps, cp, event)
 
     key = deps.keys.task_checkpoint(event.tenant, event.task_id or "")
@@ -170,7 +214,8 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
         if pending is None:
             return None, []  # a duplicate result, or one for an earlier step
         body = event.output if event.ok else f"ERROR: {event.error}"
-        pending.result = untrusted(f"tool:{event.tool}", body, deps.tool_output_chars)
+        # The source is the tool this task asked for, not what the result claims to be.
+        pending.result = note_findings(cp, untrusted(f"tool:{pending.tool}", body, deps.tool_output_chars))
         if any(p.result is None for p in cp.pending):
             return cp, []
         results = [p.result or "" for p in cp.pending]
@@ -217,7 +262,9 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
             model=deps.model, prompt=deps.prompt,
             messages=[{"role": "system", "content": deps.prompt.text}, *cp.messages],
             purpose="step", agent=deps.kind.name, cause=cause, tools=tools or None, step_id=step_id,
+            findings=cp.findings,
         )
+        cp.findings = []
         outputs.append(Outgoing(deps.topics.llm_calls, completion.record, task.goal_id))
         cp.step += 1
         cp.messages.append(completion.assistant_message)

@@ -112,7 +112,9 @@ class LLMGateway:
         tools: list[dict[str, Any]] | None = None,
         json_mode: bool = False,
         step_id: str | None = None,
+        findings: list[str] | None = None,
     ) -> Completion:
+        """`findings`: injection markers in the untrusted data new to this call, for its record."""
         if not _is_offline(model) and not self.allow_real_models:
             raise ConfigurationError(f"real model calls are disabled here; {model!r} was asked for")
         kwargs: dict[str, Any] = {
@@ -176,6 +178,7 @@ class LLMGateway:
             latency_ms=round(latency_ms, 3),
             step_id=step_id,
             instance=self.instance,
+            findings=list(findings or []),
         )
         return Completion(choice.content, tool_calls, assistant, record)
 

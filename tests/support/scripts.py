@@ -1,8 +1,10 @@
-"""Scripted forms of the offline model that misbehave on purpose: a model that never stops."""
+"""Scripted forms of the offline model that misbehave on purpose: a model that never stops, and one
+that obeys every instruction it reads in tool output or memory."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from services.runtime.offline_model import ToolCall, Turn, default_turn, role_of
@@ -24,5 +26,51 @@ def looping(task_ids: list[str]) -> Any:
             return default_turn(messages, tools)
         step = sum(1 for m in messages if m.get("role") == "assistant")
         return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{step} * 7 + {len(task_ids)}"})])
+
+    return script
+
+
+_CALL = re.compile(r"\bCALL\s+([A-Za-z0-9_]+)\s+(\{.*\})")
+_ANSWER = re.compile(r"\bANSWER\s+(.+)")
+
+
+def latest_data(messages: list[dict[str, Any]]) -> str:
+    """What the model read last: the tool results since its last turn or, before its first tool
+    call, the task message with the recalled memories."""
+    after_last_turn: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            break
+        if message.get("role") == "tool":
+            after_last_turn.append(str(message.get("content") or ""))
+    if after_last_turn:
+        return "\n".join(reversed(after_last_turn))
+    if any(m.get("role") == "assistant" for m in messages):
+        return ""
+    return next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+
+
+def obedient(plan: list[str] | None = None) -> Any:
+    """A fully compromised model: it does whatever the data it read last tells it to.
+
+    A line `CALL <tool> <json arguments>` in the latest tool output or memory makes it call that
+    tool (whether or not it was offered); `ANSWER <text>` makes it answer with that text. With no
+    such line it behaves like the default offline model. As a planner it plans `plan`, if given.
+    """
+
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        role = role_of(messages)
+        if role == "planner" and plan is not None:
+            return Turn(content=parallel_plan(plan))
+        if role != "agent":
+            return default_turn(messages, tools)
+        data = latest_data(messages)
+        calls = [ToolCall(name, json.loads(args)) for name, args in _CALL.findall(data)]
+        if calls:
+            return Turn(tool_calls=calls)
+        answer = _ANSWER.search(data)
+        if answer:
+            return Turn(content=answer.group(1).strip())
+        return default_turn(messages, tools)
 
     return script

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from schemas.plan import Plan
+from schemas.plan import MAX_DEPTH, MAX_FAN_IN, MAX_TASKS, Plan
 from services.orchestrator.logic import parse_plan, ready_tasks, sink_tasks
 
 KINDS = {"researcher", "writer"}
@@ -42,6 +44,41 @@ def test_a_valid_plan_keeps_its_tasks_and_dependencies() -> None:
 )
 def test_an_invalid_plan_is_rejected_with_a_reason(tasks: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        parse_plan(plan_json(*tasks), KINDS)
+
+
+def chain(length: int) -> list[str]:
+    """t0 <- t1 <- ... : each task depends on the one before."""
+    return [
+        json.dumps({"id": f"t{i}", "kind": "researcher", "instruction": "x", "depends_on": [f"t{i - 1}"] if i else []})
+        for i in range(length)
+    ]
+
+
+def test_a_plan_as_deep_as_the_limit_is_valid_and_one_deeper_is_not() -> None:
+    assert len(parse_plan(plan_json(*chain(MAX_DEPTH)), KINDS).tasks) == MAX_DEPTH
+    with pytest.raises(ValueError, match=f"deeper than {MAX_DEPTH} tasks"):
+        parse_plan(plan_json(*chain(MAX_DEPTH + 1)), KINDS)
+
+
+def test_depth_counts_the_longest_chain_not_the_number_of_tasks() -> None:
+    wide = [f'{{"id": "r{i}", "kind": "researcher", "instruction": "x"}}' for i in range(MAX_TASKS - 1)]
+    deps = ", ".join(f'"r{i}"' for i in range(MAX_FAN_IN))
+    writer = f'{{"id": "w1", "kind": "writer", "instruction": "y", "depends_on": [{deps}]}}'
+    assert len(parse_plan(plan_json(*wide, writer), KINDS).tasks) == MAX_TASKS
+
+
+def test_a_task_may_depend_on_at_most_max_fan_in_tasks() -> None:
+    sources = [f'{{"id": "r{i}", "kind": "researcher", "instruction": "x"}}' for i in range(MAX_FAN_IN + 1)]
+    deps = ", ".join(f'"r{i}"' for i in range(MAX_FAN_IN + 1))
+    writer = f'{{"id": "w1", "kind": "writer", "instruction": "y", "depends_on": [{deps}]}}'
+    with pytest.raises(ValidationError, match=f"at most {MAX_FAN_IN} items"):
+        parse_plan(plan_json(*sources, writer), KINDS)
+
+
+def test_a_plan_may_have_at_most_max_tasks() -> None:
+    tasks = [f'{{"id": "r{i}", "kind": "researcher", "instruction": "x"}}' for i in range(MAX_TASKS + 1)]
+    with pytest.raises(ValidationError, match=f"at most {MAX_TASKS} items"):
         parse_plan(plan_json(*tasks), KINDS)
 
 

@@ -1,4 +1,5 @@
-"""Memory service wiring: answers recalls and kb_search on the memory topic; records every goal topic.
+"""Memory service wiring: answers recalls and kb_search (signed requests only) on the memory topic;
+records every goal topic.
 
 Qdrant local mode (a path) allows one process per path, so this service owns it; other services
 reach memory through events. Set QDRANT_URL to share a Qdrant server between replicas.
@@ -54,6 +55,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         semantic=semantic,
         timeline=GoalTimeline(runtime.redis, runtime.keys, settings.stream_maxlen, settings.stream_ttl_s),
         min_score=settings.min_score,
+        audit_topic=runtime.topics.audit,
     )
 
     topics = runtime.topics
@@ -66,6 +68,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                     MemoryRecallRequested: on(partial(logic.recall, deps)),
                     ToolCallRequested: on(partial(logic.search_knowledge, deps)),
                 },
+                require_signature=frozenset({ToolCallRequested}),
             ),
             Subscription(
                 group=runtime.group("memory-recorder"), topics=tuple(topics.work_topics()), fallback=on(partial(logic.record, deps)),

@@ -14,6 +14,7 @@ from schemas.envelope import Envelope
 from schemas.events import MemoryHit, MemoryRecallCompleted, MemoryRecallRequested, TaskCompleted, ToolCallCompleted, ToolCallRequested
 from schemas.tools import KnowledgeSearchArgs
 from services.runtime.bus import Outgoing
+from services.runtime.signing import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class MemoryDeps:
     semantic: SemanticMemory
     timeline: GoalTimeline
     min_score: float
+    audit_topic: str
+    """Where each kb_search execution is recorded (AuditRecorded, keyed by goal)."""
 
 
 async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgoing]:
@@ -33,16 +36,25 @@ async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgo
 
 
 async def search_knowledge(deps: MemoryDeps, request: ToolCallRequested) -> list[Outgoing]:
-    """The kb_search tool, executed here because this service owns semantic memory."""
+    """The kb_search tool, executed here because this service owns semantic memory. Audited."""
     if request.tool != "kb_search":
-        return [_tool_reply(request, ok=False, output="", error=f"{request.tool!r} does not run on the memory service")]
+        error = f"{request.tool!r} does not run on the memory service"
+        refused = _audit(deps, request, TOOL_DENIED, policy="executor_tools", reason="tool_denied", error=error)
+        return [_tool_reply(request, ok=False, output="", error=error), refused]
     try:
         args = KnowledgeSearchArgs.model_validate(request.arguments)
     except ValidationError as exc:
-        return [_tool_reply(request, ok=False, output="", error=f"invalid arguments: {exc}")]
+        error = f"invalid arguments: {exc}"
+        refused = _audit(deps, request, TOOL_DENIED, policy="arguments", reason="schema_invalid", error=error[:1_000])
+        return [_tool_reply(request, ok=False, output="", error=error), refused]
     found = await deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",), min_score=deps.min_score)
     output = "\n".join(r.text for r in found) if found else "no matching facts"
-    return [_tool_reply(request, ok=True, output=output, error=None)]
+    executed = _audit(deps, request, TOOL_EXECUTED, ok=True, replayed=False)
+    return [_tool_reply(request, ok=True, output=output, error=None), executed]
+
+
+def _audit(deps: MemoryDeps, request: ToolCallRequested, action: str, **detail: object) -> Outgoing:
+    return Outgoing(deps.audit_topic, tool_audit(request, action, **detail), request.goal_id)
 
 
 def _tool_reply(request: ToolCallRequested, *, ok: bool, output: str, error: str | None) -> Outgoing:

@@ -1,5 +1,5 @@
 """The `switchboard` command line: run a goal in this process, serve a role on Kafka, submit a goal.
-The `dlq` commands are in services/ops/dlq_cli.py."""
+The `dlq` commands are in services/ops/dlq_cli.py, `audit` in services/ops/audit_cli.py."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from schemas.budget import BudgetLimits
 from schemas.events import GoalCompleted, GoalFailed, GoalSubmitted, decode_event
 from schemas.topics import Topics
+from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
 from services.ops.terminal import (
     TenantOption,
@@ -36,6 +37,7 @@ app = typer.Typer(
 goal_app = typer.Typer(help="Submit goals to a running deployment and follow them.", no_args_is_help=True)
 app.add_typer(goal_app, name="goal")
 app.add_typer(dlq_app, name="dlq")
+command(app, "audit")(audit)
 
 
 class Role(str, Enum):

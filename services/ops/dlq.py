@@ -4,7 +4,6 @@ Sending them back where they came from is services/ops/redrive.py."""
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,9 @@ from schemas.envelope import Envelope
 from schemas.events import decode_event
 from schemas.topics import DLQ_SUFFIX, Topics
 from services.ops.kafka_client import read_one, read_to_end
+# Re-exported: the dlq commands parse their time options with these, as every command does.
+from services.ops.terminal import parse_duration as parse_duration
+from services.ops.terminal import parse_when as parse_when
 from services.runtime.errors import DeadLetterReason
 from services.runtime.settings import KafkaSettings
 
@@ -137,37 +139,6 @@ class DeadLetter:
 
 def _int(text: str | None) -> int | None:
     return int(text) if text and text.lstrip("-").isdigit() else None
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90s`, `15m`, `1h30m`, `2d`, `1w`; ValueError for anything else."""
-    compact = text.strip().lower().replace(" ", "")
-    parts = _DURATION.findall(compact)
-    if not parts or "".join(n + u for n, u in parts) != compact:
-        raise ValueError(f"{text!r} is not a duration such as 30s, 15m, 2h, 1h30m, 1d or 1w")
-    seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError(f"{text!r} is not a positive duration")
-    return timedelta(seconds=seconds)
-
-
-def parse_when(text: str, now: datetime) -> datetime:
-    """A duration back from `now` (`2h`), or an ISO 8601 time (UTC unless it names its zone)."""
-    try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a duration (30m, 2h, 1d) nor an ISO time (2025-05-01T12:00:00Z)"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def resolve_dlq_topic(name: str, topics: Topics) -> str:

@@ -1,13 +1,16 @@
 """What every `switchboard` command shares: its consoles, its log set-up, help text that reads well
-at any width, and running its coroutine with broker failures turned into a message and an exit code."""
+at any width, time options (`--since 2h`), and running its coroutine with broker failures turned
+into a message and an exit code."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -15,6 +18,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from rich.console import Console
 from rich.markup import escape
 
+from schemas.topics import Topics
+from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
 from services.runtime.host import Settings
 
@@ -52,6 +57,20 @@ def setup_logging(settings: Settings, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def reader_settings() -> tuple[Settings, Topics]:
+    """Settings and topic names of a command that reads the namespace's topics; exit 2 when
+    KAFKA_BOOTSTRAP_SERVERS is unset or the agent catalogue is broken."""
+    settings = Settings()
+    setup_logging(settings, quiet=True)
+    try:
+        settings.kafka.require()
+        topics = Topics(settings.platform.namespace, AgentCatalogue.load(settings.platform.agents_dir).names)
+    except ConfigurationError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    return settings, topics
+
+
 def run_async(coro: Coroutine[Any, Any, Any]) -> int:
     """Runs a command's coroutine; its result is the exit code, and so is a failure it did not expect."""
     try:
@@ -71,3 +90,34 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> int:
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `1h30m`, `2d`, `1w`; ValueError for anything else."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 15m, 2h, 1h30m, 1d or 1w")
+    seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return timedelta(seconds=seconds)
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """A duration back from `now` (`2h`), or an ISO 8601 time (UTC unless it names its zone)."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30m, 2h, 1d) nor an ISO time (2025-05-01T12:00:00Z)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

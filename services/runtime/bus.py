@@ -59,6 +59,9 @@ class Subscription:
     observer: bool = False
     """Reads topics another group owns. It skips messages it cannot decode instead of
     dead-lettering them: the owning group writes the one dead-letter record for each."""
+    require_signature: frozenset[type[Envelope]] = frozenset()
+    """Event types refused (dead-lettered as `tool_denied`, and audited) before their handler runs
+    unless their `x-signature` header verifies: requests that must come from a platform service."""
 
     def handler_for(self, event: Envelope) -> Handler | None:
         return self.handlers.get(type(event), self.fallback)

@@ -39,6 +39,7 @@ from services.runtime.settings import (
     QdrantSettings,
     RedisSettings,
 )
+from services.runtime.signing import DEVELOPMENT_KEY, Signer
 
 log = logging.getLogger("switchboard.host")
 
@@ -73,6 +74,8 @@ class Runtime:
     redis: Redis
     script: Script | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    signer: Signer = field(default_factory=lambda: Signer(DEVELOPMENT_KEY))
+    """Signs what the services produce and verifies the requests they require signed."""
     _llm: LLMGateway | None = None
     _budget: BudgetLedger | None = None
 
@@ -102,7 +105,10 @@ class Runtime:
     def pipeline(self, subscription: Subscription, producer: Producer) -> MessagePipeline:
         """The pipeline a consumer feeds: the group also reads its topics' retry topics."""
         with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
-        return MessagePipeline(with_retries, producer, self.retry, notify_topic=self.topics.goals)
+        return MessagePipeline(
+            with_retries, producer, self.retry, notify_topic=self.topics.goals,
+            signer=self.signer, audit_topic=self.topics.audit,
+        )
 
 
 @dataclass
@@ -154,6 +160,7 @@ async def open_runtime(settings: Settings, script: Script | None = None) -> Asyn
         redis=redis,
         script=script,
         retry=RetryPolicy(platform.retry_attempts, platform.retry_backoff_s, platform.retry_backoff_max_s),
+        signer=Signer.from_setting(platform.signing_key),
     )
     try:
         yield runtime
@@ -197,6 +204,11 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
         raise ConfigurationError(
             "REDIS_URL is not set. Services on Kafka keep their state in Redis: start it with "
             "`make infra-up` and export REDIS_URL=redis://127.0.0.1:6379/0."
+        )
+    if settings.platform.signing_key is None:
+        log.warning(
+            "SWITCHBOARD_SIGNING_KEY is not set: requests are signed with the development key, which anyone "
+            "can read in the source. Set the same secret key on every service of a deployment."
         )
     client_id = f"switchboard-{'-'.join(s.name for s in specs)}"
     broker = make_broker(settings.kafka, client_id=client_id)

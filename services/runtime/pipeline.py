@@ -1,10 +1,11 @@
 """The one path every consumed message takes, on Kafka and on the in-process bus alike.
 
-decode -> handle -> produce outputs -> return. The transport commits only after `process`
+decode -> verify -> handle -> produce outputs -> return. The transport commits only after `process`
 returns. A transient failure sends the message to `<topic>.retry.<n>` to wait out its backoff
 there, so it holds back neither its partition nor the commits of other keys; after the last
 attempt, or on a permanent failure or a poison message, it goes to `<topic>.dlq` with its reason.
-The consumer keeps going.
+The consumer keeps going. Every output is signed (x-signature); an event type the subscription
+requires signed is refused, dead-lettered as `tool_denied` and audited, unless its signature verifies.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential_jitter
 
 from schemas.envelope import Envelope
-from schemas.events import EVENT_TYPES, WorkDeadLettered, decode_event
+from schemas.events import EVENT_TYPES, AuditRecorded, ToolCallRequested, WorkDeadLettered, decode_event
 from schemas.topics import Topics
 from services.runtime.bus import Delivery, Outgoing, Producer, Subscription
 from services.runtime.errors import (
@@ -31,8 +32,10 @@ from services.runtime.errors import (
     GoalStopped,
     Permanent,
     Retryable,
+    ToolDenied,
     TransportFailure,
 )
+from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, TOOL_DENIED, Signer, tool_audit
 from services.runtime.tracecontext import child_traceparent, trace_id
 
 log = logging.getLogger("switchboard.pipeline")
@@ -111,6 +114,8 @@ class MessagePipeline:
         retry: RetryPolicy | None = None,
         publish_deadline_s: float = 120.0,
         notify_topic: str | None = None,
+        signer: Signer | None = None,
+        audit_topic: str | None = None,
     ) -> None:
         self.subscription = subscription
         self.producer = producer
@@ -118,6 +123,9 @@ class MessagePipeline:
         self.notify_topic = notify_topic
         """Where the orchestrator hears that a goal's work was dead-lettered (so the goal fails)."""
         self.publish_deadline_s = publish_deadline_s
+        self.signer = signer or Signer(DEVELOPMENT_KEY)
+        self.audit_topic = audit_topic
+        """Where a refused unsigned or tampered request is audited (none: not audited)."""
         self._rng = random.Random()
 
     async def process(self, delivery: Delivery) -> None:
@@ -176,6 +184,10 @@ class MessagePipeline:
         return event, None
 
     async def _handle(self, event: Envelope, delivery: Delivery) -> list[Outgoing] | RetryLater | Rejection:
+        if type(event) in self.subscription.require_signature:
+            problem = self.signer.problem(delivery.value, delivery.headers)
+            if problem is not None:
+                return self._refuse_unsigned(event, problem)
         handler = self.subscription.handler_for(event)
         if handler is None:
             exc = ValueError(f"{event.event_type} is not handled by {self.subscription.group}")
@@ -197,6 +209,22 @@ class MessagePipeline:
                 log.warning("retries exhausted for %s: %r", event.event_type, exc)
                 return Rejection("retries_exhausted", exc)
             return RetryLater(exc)
+
+    def _refuse_unsigned(self, event: Envelope, problem: str) -> Rejection:
+        """A forged or tampered request: its handler never runs. Dead-lettered and audited."""
+        error = ToolDenied(f"{event.event_type} refused by {self.subscription.group}: {problem}", policy="signature")
+        log.warning("refused %s %s: %s", event.event_type, event.event_id, problem)
+        if self.audit_topic is None:
+            return Rejection(error.reason, error)
+        detail = {"policy": error.policy, "reason": error.reason, "error": problem}
+        if isinstance(event, ToolCallRequested):
+            record = tool_audit(event, TOOL_DENIED, **detail)
+        else:
+            record = AuditRecorded(
+                **event.caused(), action=TOOL_DENIED, actor="unknown", subject=event.event_id,
+                detail={"event_type": event.event_type, "goal": event.goal_id, **detail},
+            )
+        return Rejection(error.reason, error, (Outgoing(self.audit_topic, record, event.goal_id),))
 
     async def retry_later(self, delivery: Delivery, error: BaseException) -> None:
         """Park the message, unchanged, in the retry topic of its attempt, due after a backoff."""
@@ -226,8 +254,13 @@ class MessagePipeline:
     async def _produce(self, outputs: list[Outgoing], delivery: Delivery) -> None:
         parent = delivery.headers.get(TRACEPARENT)
         for out in outputs:
-            headers = {TRACEPARENT: child_traceparent(parent), "event_type": out.event.event_type}
-            await self._send(out.topic, out.key.encode(), out.event.to_bytes(), headers)
+            value = out.event.to_bytes()
+            headers = {
+                TRACEPARENT: child_traceparent(parent),
+                "event_type": out.event.event_type,
+                SIGNATURE: self.signer.sign(value),
+            }
+            await self._send(out.topic, out.key.encode(), value, headers)
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]

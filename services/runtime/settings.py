@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.budget import BudgetLimits
@@ -43,6 +43,9 @@ class PlatformSettings(BaseSettings):
     status_interval_s: float = Field(default=5.0, gt=0)
     """How often a busy consumer logs its in-flight count."""
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    signing_key: SecretStr | None = None
+    """HMAC key every service signs what it produces with, and tool executors verify requests with
+    (services/runtime/signing.py). Unset: a development key anyone can read (`serve` warns)."""
 
 
 class KafkaSettings(BaseSettings):

@@ -1,9 +1,10 @@
 """Tool execution decisions: re-check the allowlist, validate arguments, run once within the
-tool's limits, and answer the agent, or raise what the platform should do with the request."""
+tool's limits, and answer the agent, or raise what the platform should do with the request.
+Every execution and every refusal is audited; configured secrets are redacted from the answer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from pydantic import ValidationError
@@ -14,7 +15,9 @@ from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
+from services.runtime.signing import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.tools.limits import ToolLimiter
+from services.tools.redaction import Redactor
 from services.tools.registry import CallContext, Tool, ToolUsageError
 
 
@@ -25,12 +28,23 @@ class ToolsDeps:
     """One per tool in `tools`: its timeout, concurrency cap and circuit breaker in this replica."""
     catalogue: AgentCatalogue
     guard: SideEffectGuard
+    audit_topic: str
+    """Where every execution and refusal is recorded (AuditRecorded, keyed by goal)."""
+    redact: Redactor = field(default_factory=Redactor)
+    """Removes the executor's configured secrets from what it answers."""
 
 
 async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]:
     """The reply to the agent. Raises ToolDenied or Permanent (dead-lettered with their reason)
-    and Retryable (the request waits in a retry topic, e.g. while the tool's circuit is open)."""
-    spec, tool, args = _admit(deps, request)
+    and Retryable (the request waits in a retry topic, e.g. while the tool's circuit is open).
+    A refusal or a crash carries its audit record in `outputs`, produced with the dead letter."""
+    try:
+        spec, tool, args = _admit(deps, request)
+    except Permanent as exc:
+        policy = exc.policy if isinstance(exc, ToolDenied) else "arguments"
+        detail = {"policy": policy, "reason": exc.reason, "error": deps.redact(str(exc))[:1_000]}
+        exc.outputs.append(_audit(deps, request, TOOL_DENIED, **detail))
+        raise
     canonical = args.model_dump(mode="json")
     digest = idempotency_digest(request.goal_id, request.task_id, request.step_id, request.tool, canonical)
     ctx = CallContext(request.tenant, request.goal_id, request.task_id or "", digest)
@@ -44,8 +58,28 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]
             else:
                 output, replayed = await run(), False
     except ToolUsageError as exc:
-        return [_reply(request, ok=False, error=str(exc))]
-    return [_reply(request, ok=True, output=output, replayed=replayed)]
+        error = deps.redact(str(exc))
+        return [_reply(request, ok=False, error=error), _executed(deps, request, spec, digest, ok=False, error=error)]
+    except Permanent as exc:  # the tool crashed (a Retryable is audited once it runs, or is dead-lettered)
+        error = deps.redact(str(exc))[:1_000]
+        exc.outputs.append(_executed(deps, request, spec, digest, ok=False, error=error, reason=exc.reason))
+        raise
+    return [
+        _reply(request, ok=True, output=deps.redact(output), replayed=replayed),
+        _executed(deps, request, spec, digest, ok=True, replayed=replayed),
+    ]
+
+
+def _executed(
+    deps: ToolsDeps, request: ToolCallRequested, spec: ToolSpec, digest: str, *, ok: bool, replayed: bool = False,
+    **detail: str,
+) -> Outgoing:
+    side_effect = {"idempotency_key": digest} if spec.side_effect else {}
+    return _audit(deps, request, TOOL_EXECUTED, ok=ok, replayed=replayed, **side_effect, **detail)
+
+
+def _audit(deps: ToolsDeps, request: ToolCallRequested, action: str, **detail: object) -> Outgoing:
+    return Outgoing(deps.audit_topic, tool_audit(request, action, **detail), request.goal_id)
 
 
 def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool, ToolArgs]:

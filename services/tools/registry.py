@@ -15,13 +15,14 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import SecretStr
 
 from schemas.tools import CalculatorArgs, HttpGetArgs, SaveNoteArgs, ToolArgs
 from services.runtime.errors import Permanent, Retryable, SwitchboardError, ToolDenied
@@ -77,7 +78,14 @@ def calculator() -> Tool:
     return Tool(run)
 
 
-def http_get(enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeout_s: float) -> Tool:
+def http_get(
+    enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeout_s: float,
+    host_headers: Mapping[str, Mapping[str, SecretStr]] | None = None,
+) -> Tool:
+    """`host_headers` (TOOLS_HTTP_HEADERS) are sent to their host only: the executor's secrets,
+    never the model's to set. Redirects are not followed, so they cannot carry them elsewhere."""
+    configured = host_headers or {}
+
     def check(args: ToolArgs) -> None:
         assert isinstance(args, HttpGetArgs)
         if not enabled:
@@ -91,11 +99,13 @@ def http_get(enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeo
     async def run(args: ToolArgs, _: CallContext) -> str:
         assert isinstance(args, HttpGetArgs)
         check(args)  # also when called on its own, not through the executor
+        host = (urlsplit(args.url).hostname or "").lower()
+        headers = {name: value.get_secret_value() for name, value in configured.get(host, {}).items()}
         body = bytearray()
         try:
             async with (
                 httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client,
-                client.stream("GET", args.url) as response,
+                client.stream("GET", args.url, headers=headers) as response,
             ):
                 status = response.status_code
                 if status >= 500 or status in _TRANSIENT_4XX:

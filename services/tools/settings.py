@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from schemas.tools import TOOL_SPECS
@@ -14,6 +14,17 @@ from services.runtime.errors import ConfigurationError
 from services.runtime.settings import settings_config
 
 EXECUTED_HERE = frozenset(name for name, spec in TOOL_SPECS.items() if spec.executor == "tools")
+
+
+def _json_object(value: object) -> object:
+    """A JSON setting's text, parsed; empty text is {}. The error says where the JSON breaks, never
+    what it holds (TOOLS_HTTP_HEADERS holds secrets)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
 class ToolLimits(BaseModel):
@@ -59,6 +70,10 @@ class ToolsSettings(BaseSettings):
     http_allowed_hosts: Annotated[frozenset[str], NoDecode] = frozenset()
     """Comma-separated host names http_get may fetch from."""
     http_max_bytes: int = Field(default=200_000, ge=1)
+    http_headers: Annotated[dict[str, dict[str, SecretStr]], NoDecode] = Field(default_factory=dict)
+    """Headers http_get sends to a host, as JSON: {"api.example.com": {"Authorization": "Bearer ..."}}.
+    The executor's secrets: the model never supplies headers, and the values are redacted from
+    tool output and logs."""
 
     @classmethod
     def from_env(cls) -> ToolsSettings:
@@ -81,14 +96,22 @@ class ToolsSettings(BaseSettings):
             return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
         return value
 
+    @field_validator("http_headers", mode="before")
+    @classmethod
+    def _parse_headers(cls, value: object) -> object:
+        value = _json_object(value)
+        if isinstance(value, dict):
+            return {str(host).strip().lower(): headers for host, headers in value.items()}
+        return value
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value: what must never reach the model, the record or a log."""
+        return [v.get_secret_value() for headers in self.http_headers.values() for v in headers.values()]
+
     @field_validator("limits", mode="before")
     @classmethod
     def _parse_limits(cls, value: object) -> object:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ValueError(f"not JSON ({exc})") from exc
+        value = _json_object(value)
         if isinstance(value, dict):
             unknown = sorted(set(value) - EXECUTED_HERE)
             if unknown:

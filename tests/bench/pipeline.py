@@ -142,7 +142,7 @@ async def platform_hops(settings: Settings, spec: ServiceSpec, n: int, request: 
 
         async def send_one(i: int) -> None:
             topic, event = request(i, t)
-            await send.event(topic, event)  # type: ignore[arg-type]
+            await send.event(topic, event, signed=True)  # type: ignore[arg-type]  # plays the agent
 
         try:
             return await timed_hops(send_one, received, n)

@@ -117,7 +117,8 @@ async def tool_denied(c: Ctx) -> Expected:
         tool="calculator", arguments={"expression": "1+1"}, agent_kind="writer", reply_to=c.topics.agent("writer"),
     )
     value = forged.to_bytes()
-    await c.send.send(c.topics.tools, value, key="g-forged.w1")
+    # Signed, as an agent's request is: the executor's own allowlist check refuses it.
+    await c.send.send(c.topics.tools, value, key="g-forged.w1", signed=True)
     return Expected(c.topics.tools, c.group("tools"), forged.goal_id, "ToolDenied", value=value)
 
 

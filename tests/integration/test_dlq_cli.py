@@ -63,8 +63,8 @@ async def test_operators_find_inspect_and_count_dead_letters_and_a_dry_run_chang
     async with serving(specs, settings), TopicWatch(settings.kafka, [*t.dlq_topics(), t.progress]) as watch, RawProducer(settings.kafka) as send:
         await send.send(t.goals, b"\xff\xfe not json", key="k-poison")
         await send.send(t.goals, b'{"event_type": "goal.submitted", "tenant": "acme", "goal_id": "g-bad"}', key="g-bad")
-        await send.event(t.tools, denied)  # a researcher may not use http_get: tool_denied
-        await send.event(t.tools, bad_args)  # save_note without a body: schema_invalid
+        await send.event(t.tools, denied, signed=True)  # a researcher may not use http_get: tool_denied
+        await send.event(t.tools, bad_args, signed=True)  # save_note without a body: schema_invalid
         await watch.wait_for(lambda s: Topics.is_dlq(s.topic), count=4)
         await watch.event(GoalFailed, goal_id="g-denied")
         await watch.event(GoalFailed, goal_id="g-args")

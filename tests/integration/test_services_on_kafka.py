@@ -72,9 +72,9 @@ async def test_tool_executor_runs_a_side_effect_once_for_a_redelivered_request(s
     note = ToolCallRequested(**base, call_id="c1", step_id="g-tools.w1:0", tool="save_note", arguments={"title": "t", "body": "b"})
     calc = ToolCallRequested(**{**base, "agent_kind": "researcher"}, call_id="c2", step_id="g-tools.w1:0", tool="calculator", arguments={"expression": "12*7"})
     async with serving([ServiceSpec("tools")], settings), TopicWatch(settings.kafka, [t.agent("writer")]) as watch, RawProducer(settings.kafka) as send:
-        await send.event(t.tools, calc)
-        await send.event(t.tools, note)
-        await send.event(t.tools, note)  # the same request again, as after a crash before commit
+        await send.event(t.tools, calc, signed=True)
+        await send.event(t.tools, note, signed=True)
+        await send.event(t.tools, note, signed=True)  # the same request again, as after a crash before commit
         results = await watch.events(ToolCallCompleted, 3)
     by_call = {(r.call_id, r.replayed): r for r in results}
     assert by_call[("c2", False)].output == "12*7 = 84"

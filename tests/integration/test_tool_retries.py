@@ -72,7 +72,7 @@ async def test_a_flaky_tool_is_retried_through_the_retry_topics_and_answers(brow
             TopicWatch(settings.kafka, [t.agent("browser"), retry_1, retry_2]) as watch,
             RawProducer(settings.kafka) as send,
         ):
-            await send.event(t.tools, call(t, "c1", "http_get", {"url": f"{base}/report"}))
+            await send.event(t.tools, call(t, "c1", "http_get", {"url": f"{base}/report"}), signed=True)
             reply = await watch.event(ToolCallCompleted, call_id="c1")
             [first_retry] = await watch.wait_for(lambda s: s.topic == retry_1)
             [second_retry] = await watch.wait_for(lambda s: s.topic == retry_2)
@@ -100,10 +100,10 @@ async def test_a_denied_tool_call_is_dead_lettered_once_and_gets_no_reply(browse
         TopicWatch(settings.kafka, [t.agent("browser"), dlq]) as watch,
         RawProducer(settings.kafka) as send,
     ):
-        await send.event(t.tools, call(t, "denied", "save_note", {"title": "t", "body": "b"}))
+        await send.event(t.tools, call(t, "denied", "save_note", {"title": "t", "body": "b"}), signed=True)
         # Same task, so same key and partition: once this one is answered, the denied call,
         # which came first, has been handled completely.
-        await send.event(t.tools, call(t, "after", "calculator", {"expression": "6*7"}))
+        await send.event(t.tools, call(t, "after", "calculator", {"expression": "6*7"}), signed=True)
         [dead] = await watch.wait_for(lambda s: s.topic == dlq)
         after = await watch.event(ToolCallCompleted, call_id="after")
         dead_letters = await records_on(settings.kafka, dlq)

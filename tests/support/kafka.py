@@ -27,7 +27,8 @@ from tenacity import (
 from schemas.envelope import Envelope
 from schemas.events import decode_event
 from services.runtime.kafka_bus import topic_partitions
-from services.runtime.settings import KafkaSettings
+from services.runtime.settings import KafkaSettings, PlatformSettings
+from services.runtime.signing import SIGNATURE, Signer
 from services.runtime.tracecontext import new_traceparent
 
 
@@ -120,8 +121,12 @@ class TopicWatch:
 
 
 class RawProducer:
-    def __init__(self, kafka: KafkaSettings) -> None:
+    """Sends as a test wants: unsigned by default, as a forger would; `signed=True` plays a platform
+    service, signing with the key the services use (SWITCHBOARD_SIGNING_KEY, else the development key)."""
+
+    def __init__(self, kafka: KafkaSettings, signer: Signer | None = None) -> None:
         self.producer = AIOKafkaProducer(bootstrap_servers=kafka.require(), enable_idempotence=True)
+        self.signer = signer or Signer.from_setting(PlatformSettings().signing_key)
 
     async def __aenter__(self) -> RawProducer:
         await self.producer.start()
@@ -130,13 +135,19 @@ class RawProducer:
     async def __aexit__(self, *exc: object) -> None:
         await self.producer.stop()
 
-    async def send(self, topic: str, value: bytes | None, key: str = "k") -> None:
+    async def send(
+        self, topic: str, value: bytes | None, key: str = "k", *, signed: bool = False,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
         """`value=None` sends a tombstone: a record with no value at all."""
-        headers = [("traceparent", new_traceparent().encode())]
-        await self.producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
+        headers = {"traceparent": new_traceparent(), **(extra_headers or {})}
+        if signed and value is not None:
+            headers[SIGNATURE] = self.signer.sign(value)
+        encoded = [(name, text.encode()) for name, text in headers.items()]
+        await self.producer.send_and_wait(topic, value, key=key.encode(), headers=encoded)
 
-    async def event(self, topic: str, event: Envelope, key: str | None = None) -> None:
-        await self.send(topic, event.to_bytes(), key or event.task_id or event.goal_id)
+    async def event(self, topic: str, event: Envelope, key: str | None = None, *, signed: bool = False) -> None:
+        await self.send(topic, event.to_bytes(), key or event.task_id or event.goal_id, signed=signed)
 
 
 async def uncommitted(kafka: KafkaSettings, group: str, topics: list[str]) -> int:

@@ -9,10 +9,11 @@ from collections.abc import Mapping
 import pytest
 
 from schemas.envelope import Envelope
-from schemas.events import GoalSubmitted, WorkDeadLettered, decode_event
+from schemas.events import AuditRecorded, GoalSubmitted, ToolCallRequested, WorkDeadLettered, decode_event
 from services.runtime.bus import Delivery, Outgoing, Subscription
 from services.runtime.errors import BudgetExceeded, GoalStopped, Permanent, Retryable
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
+from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
 
 
 class RecordingProducer:
@@ -247,3 +248,107 @@ async def test_a_retry_never_waits_longer_than_the_longest_backoff() -> None:
     async with asyncio.timeout(5):  # not an hour
         await pipe.process(Delivery("t.goals.retry.1", 0, 1, b"k1", GOAL.to_bytes(), far, 0, "t.orchestrator"))
     assert [s[0] for s in producer.sent] == ["t.progress"]
+
+
+# Requests a subscription requires signed are refused before their handler runs.
+
+TOOL_REQUEST = ToolCallRequested(
+    tenant="acme", goal_id="g7", task_id="g7.w1", call_id="c9", step_id="g7.w1:0", tool="calculator",
+    arguments={"expression": "6*7"}, agent_kind="writer", reply_to="t.agent.writer",
+)
+
+
+def tools_pipeline(signer: Signer | None = None) -> tuple[MessagePipeline, RecordingProducer, list[Envelope]]:
+    handled: list[Envelope] = []
+
+    async def answer(event: Envelope, _: Delivery) -> list[Outgoing]:
+        handled.append(event)
+        return [Outgoing("t.agent.writer", event, event.task_id or event.goal_id)]
+
+    producer = RecordingProducer()
+    sub = Subscription(
+        "t.tools", ("t.tools",), {ToolCallRequested: answer}, require_signature=frozenset({ToolCallRequested})
+    )
+    pipe = MessagePipeline(
+        sub, producer, RetryPolicy(attempts=2, backoff_s=0.01), notify_topic="t.goals", signer=signer,
+        audit_topic="t.audit",
+    )
+    return pipe, producer, handled
+
+
+def tools_delivery(value: bytes, headers: dict[str, str]) -> Delivery:
+    return Delivery("t.tools", 1, 7, b"g7.w1", value, {"traceparent": TRACEPARENT, **headers}, 1_700_000_000_000, "t.tools")
+
+
+@pytest.mark.parametrize(
+    ("case", "headers"),
+    [
+        ("unsigned", {}),
+        ("tampered", {SIGNATURE: Signer(DEVELOPMENT_KEY).sign(TOOL_REQUEST.model_copy(update={"tool": "save_note"}).to_bytes())}),
+        ("another key", {SIGNATURE: Signer("not the key").sign(TOOL_REQUEST.to_bytes())}),
+        ("garbage", {SIGNATURE: "v1=00"}),
+    ],
+)
+async def test_an_unsigned_or_tampered_request_is_dead_lettered_as_tool_denied_and_audited(case: str, headers: dict[str, str]) -> None:
+    pipe, producer, handled = tools_pipeline()
+    await pipe.process(tools_delivery(TOOL_REQUEST.to_bytes(), headers))
+    assert handled == [], "the handler never ran"
+    by_topic = {topic: (key, value, h) for topic, key, value, h in producer.sent}
+    assert set(by_topic) == {"t.audit", "t.tools.dlq", "t.goals"}, "no reply, only the refusal"
+
+    key, value, dlq_headers = by_topic["t.tools.dlq"]
+    assert (key, value) == (b"g7.w1", TOOL_REQUEST.to_bytes())
+    assert dlq_headers["x-dlq-reason"] == "tool_denied"
+    assert dlq_headers["x-dlq-exception-class"] == "ToolDenied"
+    assert dlq_headers["x-dlq-goal-id"] == "g7" and dlq_headers["x-dlq-original-topic"] == "t.tools"
+
+    key, value, audit_headers = by_topic["t.audit"]
+    audit = decode_event(value)
+    assert isinstance(audit, AuditRecorded) and key == b"g7"
+    assert (audit.action, audit.actor, audit.subject) == ("tool.denied", "writer", "c9")
+    assert audit.detail["tool"] == "calculator" and audit.detail["goal"] == "g7"
+    assert audit.detail["reason"] == "tool_denied" and audit.detail["policy"] == "signature"
+    assert Signer(DEVELOPMENT_KEY).verify(value, audit_headers[SIGNATURE]), "what the pipeline produces is signed"
+
+    notice = decode_event(by_topic["t.goals"][1])
+    assert isinstance(notice, WorkDeadLettered) and notice.reason == "tool_denied"  # the goal fails
+
+
+async def test_a_signed_request_is_handled_and_every_output_is_signed() -> None:
+    signer = Signer("deployment key")
+    pipe, producer, handled = tools_pipeline(signer)
+    value = TOOL_REQUEST.to_bytes()
+    await pipe.process(tools_delivery(value, {SIGNATURE: signer.sign(value)}))
+    assert handled == [TOOL_REQUEST]
+    [(topic, _, out, headers)] = producer.sent
+    assert topic == "t.agent.writer"
+    assert signer.verify(out, headers[SIGNATURE])
+
+
+async def test_a_signed_request_keeps_its_signature_through_a_retry() -> None:
+    signer = Signer("deployment key")
+    calls = 0
+
+    async def flaky(event: Envelope, _: Delivery) -> list[Outgoing]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Retryable("slow down")
+        return []
+
+    producer = RecordingProducer()
+    sub = Subscription("t.tools", ("t.tools",), {ToolCallRequested: flaky}, require_signature=frozenset({ToolCallRequested}))
+    pipe = MessagePipeline(sub, producer, RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.02), signer=signer, audit_topic="t.audit")
+    value = TOOL_REQUEST.to_bytes()
+    await pipe.process(tools_delivery(value, {SIGNATURE: signer.sign(value)}))
+    [parked] = producer.sent
+    assert parked[0] == "t.tools.retry.1"
+    await pipe.process(redelivered(parked, 0))
+    assert calls == 2 and len(producer.sent) == 1, "the retried request verified and was handled"
+
+
+async def test_event_types_not_required_signed_are_handled_unsigned() -> None:
+    pipe, producer = pipeline(echo)
+    await pipe.process(delivery(GOAL.to_bytes(), {"traceparent": TRACEPARENT}))
+    [(topic, _, _, _)] = producer.sent
+    assert topic == "t.progress"

@@ -4,16 +4,21 @@ breaker, and side effects that run once."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from memory.keys import RedisKeys
-from schemas.events import ToolCallCompleted, ToolCallRequested
+from schemas.events import AuditRecorded, ToolCallCompleted, ToolCallRequested
 from schemas.tools import HttpGetArgs, ToolArgs
 from services.agents.logic import validate_call
 from services.runtime.catalogue import AgentCatalogue
@@ -23,6 +28,7 @@ from services.runtime.llm import ModelToolCall
 from services.tools import logic, registry
 from services.tools.breaker import CircuitOpen
 from services.tools.limits import ToolLimiter
+from services.tools.redaction import Redactor, install_log_redaction
 from services.tools.settings import ToolsSettings
 from tests.support.http import Hit, loopback_server
 from tests.support.kafka import eventually
@@ -65,7 +71,7 @@ def deps(
         **replace,
     }
     limiters = {name: ToolLimiter(name, settings.limits_for(name), clock or Clock()) for name in tools}
-    return logic.ToolsDeps(tools, limiters, catalogue_with_browser(), SideEffectGuard(redis, keys))
+    return logic.ToolsDeps(tools, limiters, catalogue_with_browser(), SideEffectGuard(redis, keys), AUDIT)
 
 
 def request(tool: str, arguments: dict[str, object], kind: str = "writer", step: str = "g1.w1:0") -> ToolCallRequested:
@@ -79,10 +85,24 @@ def calc(expression: str = "1+1", step: str = "g1.r1:0") -> ToolCallRequested:
     return request("calculator", {"expression": expression}, kind="researcher", step=step)
 
 
+AUDIT = "unit.audit"
+
+
 def result(outputs: list) -> ToolCallCompleted:  # type: ignore[type-arg]
-    [out] = outputs
-    assert isinstance(out.event, ToolCallCompleted)
+    """The reply; every execution also writes its audit record."""
+    [out, audit] = outputs
+    assert isinstance(out.event, ToolCallCompleted) and isinstance(audit.event, AuditRecorded)
+    assert audit.topic == AUDIT and audit.event.action == "tool.executed" and audit.event.subject == out.event.call_id
     return out.event
+
+
+def audited_denial(exc: Permanent) -> tuple[str, str, str]:
+    """The refusal's audit record, produced with its dead letter: (actor, policy, reason)."""
+    [audit] = exc.outputs
+    assert isinstance(audit.event, AuditRecorded)
+    assert audit.topic == AUDIT and audit.event.action == "tool.denied"
+    assert audit.event.detail["tool"] and audit.event.detail["goal"] == "g1"
+    return audit.event.actor, audit.event.detail["policy"], audit.event.detail["reason"]
 
 
 def circuit(d: logic.ToolsDeps, tool: str) -> str:
@@ -149,6 +169,10 @@ async def test_a_duplicate_side_effect_request_returns_the_stored_result_and_wri
     assert (first.replayed, second.replayed) == (False, True)
     assert second.output == first.output
     assert len(notes(tmp_path)) == 1
+    [_, audit] = await logic.execute(d, request("save_note", {"title": "t", "body": "b"}))
+    assert isinstance(audit.event, AuditRecorded)
+    assert audit.event.detail["replayed"] is True and audit.event.actor == "writer"
+    assert audit.event.detail["idempotency_key"] == notes(tmp_path)[0]["idempotency_key"]
 
 
 async def test_the_same_note_at_another_step_is_a_new_side_effect(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
@@ -167,6 +191,7 @@ async def test_a_tool_outside_the_agent_kinds_allowlist_is_denied(redis: Redis, 
     assert denied.value.reason == "tool_denied" and denied.value.policy == "agent_allowlist"
     assert "not allowed for agent kind 'researcher'" in str(denied.value)
     assert notes(tmp_path) == []
+    assert audited_denial(denied.value) == ("researcher", "agent_allowlist", "tool_denied")
 
 
 async def test_a_tool_this_executor_does_not_run_is_denied(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
@@ -174,6 +199,7 @@ async def test_a_tool_this_executor_does_not_run_is_denied(redis: Redis, keys: R
         await logic.execute(deps(redis, keys, tmp_path), request("kb_search", {"query": "kafka"}, kind="researcher"))
     assert denied.value.reason == "tool_denied" and denied.value.policy == "executor_tools"
     assert "unknown tool 'kb_search'" in str(denied.value)
+    assert audited_denial(denied.value) == ("researcher", "executor_tools", "tool_denied")
 
 
 async def test_invalid_arguments_are_refused_as_schema_invalid(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
@@ -181,6 +207,7 @@ async def test_invalid_arguments_are_refused_as_schema_invalid(redis: Redis, key
         await logic.execute(deps(redis, keys, tmp_path), calc().model_copy(update={"arguments": {"expression": "1+1", "shell": "rm"}}))
     assert refused.value.reason == "schema_invalid"
     assert "Extra inputs are not permitted" in str(refused.value)
+    assert audited_denial(refused.value) == ("researcher", "arguments", "schema_invalid")
 
 
 async def test_http_get_to_a_host_off_the_allowlist_is_denied_without_a_request(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
@@ -431,3 +458,79 @@ async def test_http_get_fetches_from_an_allowlisted_host_and_stops_at_the_size_l
         with pytest.raises(ToolDenied, match="disabled"):
             await off.run(HttpGetArgs(url=f"{base}/page"), ctx)
     assert paths(hits) == ["/page"]
+
+
+# Secrets come from the executor's configuration only, and are redacted from answers and logs.
+
+SECRET = "Bearer tok-0123456789abcdef"
+
+
+def echo_headers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
+    """http_get's requests are answered with the headers they carry (as a hostile page might echo
+    them), by an in-memory transport; returns those headers, one dict per request."""
+    seen: list[dict[str, str]] = []
+
+    def answer(req: httpx.Request) -> httpx.Response:
+        seen.append(dict(req.headers))
+        return httpx.Response(200, json=dict(req.headers))
+
+    client = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: client(transport=httpx.MockTransport(answer), **kw))
+    return seen
+
+
+def test_tools_http_headers_are_secrets_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLS_HTTP_HEADERS", json.dumps({"API.example.com": {"Authorization": SECRET}}))
+    settings = ToolsSettings.from_env()
+    [(host, headers)] = settings.http_headers.items()
+    assert host == "api.example.com" and SECRET not in repr(headers)
+    assert settings.secrets() == [SECRET]
+    monkeypatch.setenv("TOOLS_HTTP_HEADERS", '{"api.example.com": {"Authorization": "Bearer tok-0123')
+    with pytest.raises(ConfigurationError) as bad:
+        ToolsSettings.from_env()
+    assert "TOOLS_HTTP_HEADERS" in str(bad.value) and "tok-0123" not in str(bad.value)
+
+
+async def test_configured_headers_go_to_their_host_and_are_redacted_from_the_answer(
+    redis: Redis, keys: RedisKeys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = echo_headers(monkeypatch)
+    base = "http://127.0.0.1:8080"
+    fetch = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"127.0.0.1": {"Authorization": SecretStr(SECRET)}})
+    d = replace(deps(redis, keys, tmp_path, http_get=fetch), redact=Redactor([SECRET]))
+    out = result(await logic.execute(d, request("http_get", {"url": f"{base}/whoami"}, kind="browser")))
+    elsewhere = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"api.example.com": {"Authorization": SecretStr(SECRET)}})
+    await elsewhere.run(HttpGetArgs(url=f"{base}/other"), registry.CallContext("acme", "g1", "g1.w1", "k"))
+    assert seen[0]["authorization"] == SECRET, "the executor sent its configured header"
+    assert "authorization" not in seen[1], "a host's headers go to that host only"
+    assert out.ok and SECRET not in out.output and "tok-0123456789abcdef" not in out.output
+    assert "[REDACTED]" in out.output
+
+
+def test_the_redactor_replaces_each_secret_and_its_credential() -> None:
+    redact = Redactor([SECRET, "", "  "])
+    assert redact(f"sent {SECRET} and tok-0123456789abcdef") == "sent [REDACTED] and [REDACTED]"
+    assert redact("Bearer is an ordinary word") == "Bearer is an ordinary word"
+    assert not Redactor([]) and Redactor([])("x") == "x"
+
+
+def test_log_records_are_redacted_by_the_installed_filter() -> None:
+    logger = logging.getLogger("unit.redaction")
+    logger.propagate = False
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    uninstall = install_log_redaction(Redactor([SECRET]), logger)
+    try:
+        logger.warning("calling with %s", SECRET)
+        try:
+            raise RuntimeError(f"refused {SECRET}")
+        except RuntimeError:
+            logger.exception("failed")
+        uninstall()
+        logger.warning("after %s", "tok-0123456789abcdef")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "calling with [REDACTED]" in text and "RuntimeError: refused [REDACTED]" in text
+    assert text.count("tok-0123456789abcdef") == 1, "only after the filter was removed"

@@ -30,3 +30,10 @@ class RedisKeys:
     def tenant_cost(self, tenant: str, day: str) -> str:
         """What a tenant spent on one UTC day (YYYYMMDD)."""
         return f"{self._tenant(tenant)}:cost:{day}"
+
+    def approval(self, tenant: str, approval_id: str) -> str:
+        return f"{self._tenant(tenant)}:approval:{approval_id}"
+
+    def pending_approvals(self) -> str:
+        """Every tenant's undecided approvals, scored by when they expire (`<tenant>/<id>`)."""
+        return f"sb:{self.namespace}:approvals:pending"

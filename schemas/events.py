@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -135,6 +136,29 @@ class ToolCallCompleted(Envelope):
     """True when the idempotency store answered and the tool did not run again."""
 
 
+class ApprovalRequested(Envelope):
+    """A tool that needs a person's approval was asked for: nothing runs until someone decides."""
+
+    event_type: Literal["approval.requested"] = "approval.requested"
+    approval_id: str
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    agent_kind: str
+    expires_at: datetime
+    """When an undecided approval is denied."""
+
+
+class ApprovalDecided(Envelope):
+    """A person (or the timeout) decided an approval; the tools executor acts on it."""
+
+    event_type: Literal["approval.decided"] = "approval.decided"
+    approval_id: str
+    approved: bool
+    decided_by: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=2_000)
+
+
 class MemoryHit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -194,6 +218,8 @@ Event = Annotated[
     | TaskFailed
     | ToolCallRequested
     | ToolCallCompleted
+    | ApprovalRequested
+    | ApprovalDecided
     | MemoryRecallRequested
     | MemoryRecallCompleted
     | LLMCallRecorded,
@@ -207,7 +233,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
     for cls in (
         GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalReopened, WorkDeadLettered, AuditRecorded,
         TaskAssigned, TaskCompleted, TaskFailed,
-        ToolCallRequested, ToolCallCompleted,
+        ToolCallRequested, ToolCallCompleted, ApprovalRequested, ApprovalDecided,
         MemoryRecallRequested, MemoryRecallCompleted, LLMCallRecorded,
     )
 )

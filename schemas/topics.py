@@ -45,8 +45,14 @@ class Topics:
         return f"{self.namespace}.llm-calls"
 
     @property
+    def approvals(self) -> str:
+        """Tool calls waiting for a person, keyed by goal_id: what `switchboard approvals` shows."""
+        return f"{self.namespace}.approvals"
+
+    @property
     def audit(self) -> str:
-        """The append-only audit trail, keyed by subject: redrives, denials, decisions."""
+        """The append-only audit trail: tool executions, denials, approval decisions (keyed by goal id)
+        and redrives (keyed by the dead-letter record's id)."""
         return f"{self.namespace}.audit"
 
     @staticmethod
@@ -89,4 +95,4 @@ class Topics:
 
     def all_topics(self) -> list[str]:
         work = self.work_topics()
-        return list(self.with_retries(work)) + self.dlq_topics() + [self.audit]
+        return list(self.with_retries(work)) + self.dlq_topics() + [self.audit, self.approvals]

@@ -1,5 +1,6 @@
 """The `switchboard` command line: run a goal in this process, serve a role on Kafka, submit a goal.
-The `dlq` commands are in services/ops/dlq_cli.py, `audit` in services/ops/audit_cli.py."""
+The `dlq` commands are in services/ops/dlq_cli.py, `audit` in services/ops/audit_cli.py, and
+`approvals`, `approve` and `deny` in services/ops/approvals_cli.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from schemas.budget import BudgetLimits
 from schemas.events import GoalCompleted, GoalFailed, GoalSubmitted, decode_event
 from schemas.topics import Topics
+from services.ops.approvals_cli import approvals_app, approve, deny, list_approvals
 from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
 from services.ops.terminal import (
@@ -38,6 +40,10 @@ goal_app = typer.Typer(help="Submit goals to a running deployment and follow the
 app.add_typer(goal_app, name="goal")
 app.add_typer(dlq_app, name="dlq")
 command(app, "audit")(audit)
+app.add_typer(approvals_app, name="approvals")
+command(approvals_app, "list")(list_approvals)
+command(app, "approve")(approve)
+command(app, "deny")(deny)
 
 
 class Role(str, Enum):

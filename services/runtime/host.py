@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -117,6 +117,8 @@ class ServiceApp:
 
     subscriptions: list[Subscription]
     on_close: Callable[[], Awaitable[None]] | None = None
+    background: list[Callable[[Producer], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    """Long-running jobs the host runs beside the consumers (e.g. a sweeper), cancelled at shutdown."""
 
     async def close(self) -> None:
         if self.on_close is not None:
@@ -192,10 +194,18 @@ async def run_embedded(
         for app in apps:
             for sub in app.subscriptions:
                 bus.subscribe(runtime.pipeline(sub, bus))
+        jobs: list[asyncio.Task[None]] = [asyncio.create_task(job(bus)) for app in apps for job in app.background]
         try:
             yield bus, runtime
         finally:
+            await _cancel(jobs)
             await bus.close()
+
+
+async def _cancel(jobs: list[asyncio.Task[None]]) -> None:
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | None = None) -> FastStream:
@@ -214,6 +224,8 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
     broker = make_broker(settings.kafka, client_id=client_id)
     producer = KafkaProducer(broker)
     consumers: list[ConcurrentKafkaConsumer] = []
+    background: list[Callable[[Producer], Coroutine[Any, Any, None]]] = []
+    jobs: list[asyncio.Task[None]] = []
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -229,6 +241,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
                 for app in apps
                 for sub in app.subscriptions
             ]
+            background[:] = [job for app in apps for job in app.background]
             yield
 
     app = FastStream(broker, lifespan=lifespan, logger=logging.getLogger("switchboard.app"))
@@ -237,6 +250,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
     async def start_consuming() -> None:  # the producer is connected by now
         for consumer in consumers:
             await consumer.start()
+        jobs[:] = [asyncio.create_task(job(producer)) for job in background]
         log.info(
             "serving %s on %s, up to %d messages in flight per group",
             [s.name for s in specs], settings.kafka.bootstrap_servers, settings.platform.max_in_flight,
@@ -244,6 +258,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
 
     @app.on_shutdown
     async def stop_consuming() -> None:  # before the producer closes: in-flight work may finish
+        await _cancel(jobs)
         await asyncio.gather(*(c.stop() for c in consumers))
 
     return app

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 from functools import partial
 from typing import Any
 
-from schemas.events import ToolCallRequested
-from services.runtime.bus import Subscription, on
+from schemas.envelope import Envelope
+from schemas.events import ApprovalDecided, ToolCallRequested
+from services.runtime.approvals import ApprovalBook
+from services.runtime.bus import Delivery, Outgoing, Producer, Subscription, on
 from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import SideEffectGuard
+from services.runtime.pipeline import TRACEPARENT
+from services.runtime.signing import SIGNATURE
+from services.runtime.tracecontext import child_traceparent
 from services.tools import logic, registry
 from services.tools.limits import ToolLimiter
 from services.tools.redaction import Redactor, install_log_redaction
 from services.tools.settings import ToolsSettings
 
 CLAIM_MARGIN_S = 30
+log = logging.getLogger("switchboard.tools")
 
 
 async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
@@ -43,20 +52,54 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         guard=SideEffectGuard(runtime.redis, runtime.keys, claim_ttl_s=max(60, math.ceil(longest) + CLAIM_MARGIN_S)),
         audit_topic=runtime.topics.audit,
         redact=redact,
+        approvals=ApprovalBook(runtime.redis, runtime.keys),
+        needs_approval=settings.needs_approval,
+        approval_timeout_s=settings.approval_timeout_s,
+        approvals_topic=runtime.topics.approvals,
     )
     uninstall_redaction = install_log_redaction(redact)
 
     async def close() -> None:
         uninstall_redaction()
 
+    async def execute(event: Envelope, delivery: Delivery) -> list[Outgoing]:
+        assert isinstance(event, ToolCallRequested)
+        return await logic.execute(deps, event, traceparent=delivery.headers.get(TRACEPARENT))
+
+    async def deny_expired(producer: Producer) -> None:
+        """Every approval whose time ran out is denied, once, by whichever replica claims it."""
+        assert deps.approvals is not None
+        while True:
+            try:
+                for approval in await deps.approvals.claim_expired(time.time()):
+                    timeout = ApprovalDecided(
+                        **approval.request.caused(), approval_id=approval.approval_id, approved=False,
+                        decided_by="timeout", reason=f"not decided within {settings.approval_timeout_s:g}s",
+                    )
+                    value = timeout.to_bytes()
+                    headers = {
+                        SIGNATURE: runtime.signer.sign(value), "event_type": timeout.event_type,
+                        TRACEPARENT: child_traceparent(approval.traceparent),
+                    }
+                    key = (approval.request.task_id or approval.request.goal_id).encode()
+                    await producer.send(runtime.topics.tools, key, value, headers)
+            except Exception:  # the sweep runs again on the next tick; a claimed approval is lost only if Kafka is down
+                log.exception("could not deny expired approvals; trying again in %.0fs", settings.approval_sweep_s)
+            await asyncio.sleep(settings.approval_sweep_s)
+
     return ServiceApp(
         [
             Subscription(
                 group=runtime.group("tools"),
                 topics=(runtime.topics.tools,),
-                handlers={ToolCallRequested: on(partial(logic.execute, deps))},
-                require_signature=frozenset({ToolCallRequested}),
+                handlers={
+                    ToolCallRequested: execute,
+                    ApprovalDecided: on(partial(logic.decide, deps)),
+                },
+                # A forged decision must not approve a call any more than a forged request may run one.
+                require_signature=frozenset({ToolCallRequested, ApprovalDecided}),
             )
         ],
         on_close=close,
+        background=[deny_expired] if settings.needs_approval else [],
     )

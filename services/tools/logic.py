@@ -9,8 +9,14 @@ from functools import partial
 
 from pydantic import ValidationError
 
-from schemas.events import ToolCallCompleted, ToolCallRequested
+from schemas.events import (
+    ApprovalDecided,
+    ApprovalRequested,
+    ToolCallCompleted,
+    ToolCallRequested,
+)
 from schemas.tools import TOOL_SPECS, ToolArgs, ToolSpec
+from services.runtime.approvals import Approval, ApprovalBook
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
@@ -32,9 +38,19 @@ class ToolsDeps:
     """Where every execution and refusal is recorded (AuditRecorded, keyed by goal)."""
     redact: Redactor = field(default_factory=Redactor)
     """Removes the executor's configured secrets from what it answers."""
+    approvals: ApprovalBook | None = None
+    needs_approval: frozenset[str] = frozenset()
+    """Tools that run only once a person has approved the call (TOOLS_NEEDS_APPROVAL)."""
+    approval_timeout_s: float = 3_600.0
+    approvals_topic: str = ""
 
 
-async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]:
+APPROVAL_REQUESTED = "approval.requested"
+APPROVAL_APPROVED = "approval.approved"
+APPROVAL_DENIED = "approval.denied"
+
+
+async def execute(deps: ToolsDeps, request: ToolCallRequested, traceparent: str | None = None) -> list[Outgoing]:
     """The reply to the agent. Raises ToolDenied or Permanent (dead-lettered with their reason)
     and Retryable (the request waits in a retry topic, e.g. while the tool's circuit is open).
     A refusal or a crash carries its audit record in `outputs`, produced with the dead letter."""
@@ -47,6 +63,10 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]
         raise
     canonical = args.model_dump(mode="json")
     digest = idempotency_digest(request.goal_id, request.task_id, request.step_id, request.tool, canonical)
+    if request.tool in deps.needs_approval:
+        waiting = await _await_approval(deps, request, digest[:24], traceparent)
+        if waiting is not None:
+            return waiting
     ctx = CallContext(request.tenant, request.goal_id, request.task_id or "", digest)
     try:
         # Breaker and slot come before the side-effect claim, so the claim is held only while
@@ -70,6 +90,62 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested) -> list[Outgoing]
     ]
 
 
+async def _await_approval(
+    deps: ToolsDeps, request: ToolCallRequested, approval_id: str, traceparent: str | None
+) -> list[Outgoing] | None:
+    """None once the call is approved. Until then it waits in Redis, holding no consumer slot:
+    the first request opens the approval and announces it; a denied one is dead-lettered."""
+    assert deps.approvals is not None, "needs_approval without an approval book"
+    approval = await deps.approvals.get(request.tenant, approval_id)
+    if approval is None:
+        opened = await deps.approvals.open(approval_id, request, deps.approval_timeout_s, traceparent)
+        if opened is None:
+            return []  # opened meanwhile by a redelivery of this request
+        asked = ApprovalRequested(
+            **request.caused(), approval_id=approval_id, call_id=request.call_id, tool=request.tool,
+            arguments=request.arguments, agent_kind=request.agent_kind, expires_at=opened.expires,
+        )
+        expires = opened.expires.isoformat()
+        return [
+            Outgoing(deps.approvals_topic, asked, request.goal_id),
+            _audit(deps, request, APPROVAL_REQUESTED, approval_id=approval_id, expires_at=expires),
+        ]
+    if approval.state == "pending":
+        return []  # a redelivered request: the approval is already waiting
+    if approval.state == "denied":
+        raise _denied(deps, approval)
+    return None
+
+
+def _denied(deps: ToolsDeps, approval: Approval) -> Permanent:
+    request = approval.request
+    by = approval.decided_by or "unknown"
+    exc = Permanent(
+        f"{request.tool} call {request.call_id} was not approved (by {by}): {approval.reason or 'no reason given'}",
+        reason="approval_denied",
+    )
+    exc.outputs.append(
+        _audit(deps, request, APPROVAL_DENIED, actor=by, approval_id=approval.approval_id, reason=approval.reason)
+    )
+    return exc
+
+
+async def decide(deps: ToolsDeps, decision: ApprovalDecided) -> list[Outgoing]:
+    """Act on a person's (or the timeout's) decision: run the waiting call, or dead-letter it."""
+    assert deps.approvals is not None, "an approval decision without an approval book"
+    approval = await deps.approvals.decide(
+        decision.tenant, decision.approval_id, decision.approved, decision.decided_by, decision.reason
+    )
+    if approval is None:
+        raise ToolDenied(f"no approval {decision.approval_id!r} is waiting for tenant {decision.tenant!r}", policy="approval")
+    if approval.state == "denied":
+        raise _denied(deps, approval)
+    decided = _audit(
+        deps, approval.request, APPROVAL_APPROVED, actor=approval.decided_by, approval_id=approval.approval_id
+    )
+    return [decided, *await execute(deps, approval.request)]
+
+
 def _executed(
     deps: ToolsDeps, request: ToolCallRequested, spec: ToolSpec, digest: str, *, ok: bool, replayed: bool = False,
     **detail: str,
@@ -78,8 +154,15 @@ def _executed(
     return _audit(deps, request, TOOL_EXECUTED, ok=ok, replayed=replayed, **side_effect, **detail)
 
 
-def _audit(deps: ToolsDeps, request: ToolCallRequested, action: str, **detail: object) -> Outgoing:
-    return Outgoing(deps.audit_topic, tool_audit(request, action, **detail), request.goal_id)
+def _audit(
+    deps: ToolsDeps, request: ToolCallRequested, action: str, actor: str | None = None, **detail: object
+) -> Outgoing:
+    """The record of what happened to a request; the actor is the requesting agent kind, or the
+    person who decided an approval."""
+    record = tool_audit(request, action, **detail)
+    if actor is not None:
+        record = record.model_copy(update={"actor": actor})
+    return Outgoing(deps.audit_topic, record, request.goal_id)
 
 
 def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool, ToolArgs]:

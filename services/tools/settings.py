@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode
 
 from schemas.tools import TOOL_SPECS
@@ -75,6 +82,14 @@ class ToolsSettings(BaseSettings):
     The executor's secrets: the model never supplies headers, and the values are redacted from
     tool output and logs."""
 
+    needs_approval: Annotated[frozenset[str], NoDecode] = frozenset()
+    """Comma-separated tools that run only once a person approves each call
+    (`switchboard approvals list`, `switchboard approve ID`, `switchboard deny ID --reason ...`)."""
+    approval_timeout_s: float = Field(default=3_600.0, gt=0)
+    """An approval not decided within this many seconds is denied."""
+    approval_sweep_s: float = Field(default=5.0, gt=0)
+    """How often each executor looks for approvals whose time ran out."""
+
     @classmethod
     def from_env(cls) -> ToolsSettings:
         """The settings, or a ConfigurationError that names each bad variable."""
@@ -94,6 +109,21 @@ class ToolsSettings(BaseSettings):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("needs_approval", mode="before")
+    @classmethod
+    def _split_tools(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("needs_approval")
+    @classmethod
+    def _known_tools(cls, value: frozenset[str]) -> frozenset[str]:
+        unknown = sorted(value - EXECUTED_HERE)
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; this executor runs {sorted(EXECUTED_HERE)}")
         return value
 
     @field_validator("http_headers", mode="before")

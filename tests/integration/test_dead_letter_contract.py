@@ -1,7 +1,6 @@
 """The dead-letter contract: every reason path writes exactly one record, with every header right.
 
 Each case provokes its failure for real, through the running services on Kafka and Redis.
-`approval_denied` has no path yet: the approval gate comes with the security work.
 """
 
 from __future__ import annotations
@@ -139,6 +138,16 @@ async def retries_exhausted(c: Ctx) -> Expected:
     return Expected(c.topics.goals, c.group("orchestrator"), goal.goal_id, "Retryable", attempts=2, value=value, fails_goal=True)
 
 
+async def approval_denied(c: Ctx) -> Expected:
+    # save_note needs approval here, and nobody decides in time: the timeout denies it.
+    goal = GoalSubmitted(tenant="acme", goal_id="g-unapproved", text="What is 6*7")
+    await c.send.event(c.topics.goals, goal)
+    return Expected(c.topics.tools, c.group("tools"), goal.goal_id, "Permanent", fails_goal=True)
+
+
+APPROVAL_TIMES_OUT = {"TOOLS_NEEDS_APPROVAL": "save_note", "TOOLS_APPROVAL_TIMEOUT_S": "1", "TOOLS_APPROVAL_SWEEP_S": "0.2"}
+
+
 def repeating(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
     if role_of(messages) == "agent":
         return Turn(tool_calls=[ToolCall("calculator", {"expression": "1+1"})])
@@ -149,17 +158,18 @@ def rate_limited(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
     raise litellm.exceptions.RateLimitError("slow down", llm_provider="offline", model="offline/default")
 
 
-CASES: dict[str, tuple[Provoke, Any]] = {
-    "poison": (not_json, None),
-    "poison-oversize": (oversize, None),
-    "schema_invalid": (schema_invalid, None),
-    "unknown_event": (unknown_event, None),
-    "budget_exceeded": (budget_exceeded, None),
-    "deadline_exceeded": (deadline_exceeded, None),
-    "runaway_loop": (runaway_loop, repeating),
-    "tool_denied": (tool_denied, None),
-    "tool_failed": (tool_failed, None),
-    "retries_exhausted": (retries_exhausted, rate_limited),
+CASES: dict[str, tuple[Provoke, Any, dict[str, str]]] = {
+    "poison": (not_json, None, {}),
+    "poison-oversize": (oversize, None, {}),
+    "schema_invalid": (schema_invalid, None, {}),
+    "unknown_event": (unknown_event, None, {}),
+    "budget_exceeded": (budget_exceeded, None, {}),
+    "deadline_exceeded": (deadline_exceeded, None, {}),
+    "runaway_loop": (runaway_loop, repeating, {}),
+    "tool_denied": (tool_denied, None, {}),
+    "tool_failed": (tool_failed, None, {}),
+    "retries_exhausted": (retries_exhausted, rate_limited, {}),
+    "approval_denied": (approval_denied, None, APPROVAL_TIMES_OUT),
 }
 
 
@@ -168,7 +178,9 @@ async def test_each_reason_path_writes_one_dead_letter_record_with_every_header(
     case: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENT_RECALL_K", "0")
-    provoke, script = CASES[case]
+    provoke, script, env = CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     settings = dataclasses.replace(
         settings, platform=settings.platform.model_copy(update={"retry_attempts": 2, "retry_backoff_s": 0.1})
     )
@@ -182,7 +194,7 @@ async def test_each_reason_path_writes_one_dead_letter_record_with_every_header(
             assert failed.reason == reason
         # The consumers keep going: a normal goal still completes after the failure.
         after = GoalSubmitted(tenant="other", goal_id="g-after", text="What is 2+2")
-        if script is None:
+        if script is None and not env:
             await send.event(t.goals, after)
             await watch.event(GoalCompleted, goal_id="g-after", timeout=90)
 

@@ -21,6 +21,7 @@ from schemas.envelope import Envelope
 from schemas.events import decode_event
 from schemas.topics import DLQ_SUFFIX, Topics
 from services.ops.kafka_client import read_one, read_to_end
+
 # Re-exported: the dlq commands parse their time options with these, as every command does.
 from services.ops.terminal import parse_duration as parse_duration
 from services.ops.terminal import parse_when as parse_when

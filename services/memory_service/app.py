@@ -56,6 +56,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         timeline=GoalTimeline(runtime.redis, runtime.keys, settings.stream_maxlen, settings.stream_ttl_s),
         min_score=settings.min_score,
         audit_topic=runtime.topics.audit,
+        catalogue=runtime.catalogue,
     )
 
     topics = runtime.topics

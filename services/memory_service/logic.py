@@ -11,10 +11,19 @@ from pydantic import ValidationError
 from memory.semantic import MemoryRecord, SemanticMemory
 from memory.timeline import GoalTimeline
 from schemas.envelope import Envelope
-from schemas.events import MemoryHit, MemoryRecallCompleted, MemoryRecallRequested, TaskCompleted, ToolCallCompleted, ToolCallRequested
+from schemas.events import (
+    MemoryHit,
+    MemoryRecallCompleted,
+    MemoryRecallRequested,
+    TaskCompleted,
+    ToolCallCompleted,
+    ToolCallRequested,
+)
 from schemas.tools import KnowledgeSearchArgs
+from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
-from services.runtime.signing import TOOL_DENIED, TOOL_EXECUTED, tool_audit
+from services.runtime.catalogue import AgentCatalogue
+from services.runtime.errors import Permanent, ToolDenied
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,8 @@ class MemoryDeps:
     min_score: float
     audit_topic: str
     """Where each kb_search execution is recorded (AuditRecorded, keyed by goal)."""
+    catalogue: AgentCatalogue | None = None
+    """The agent kinds, to check again that the requesting kind may call kb_search."""
 
 
 async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgoing]:
@@ -37,20 +48,30 @@ async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgo
 
 async def search_knowledge(deps: MemoryDeps, request: ToolCallRequested) -> list[Outgoing]:
     """The kb_search tool, executed here because this service owns semantic memory. Audited."""
-    if request.tool != "kb_search":
-        error = f"{request.tool!r} does not run on the memory service"
-        refused = _audit(deps, request, TOOL_DENIED, policy="executor_tools", reason="tool_denied", error=error)
-        return [_tool_reply(request, ok=False, output="", error=error), refused]
     try:
-        args = KnowledgeSearchArgs.model_validate(request.arguments)
-    except ValidationError as exc:
-        error = f"invalid arguments: {exc}"
-        refused = _audit(deps, request, TOOL_DENIED, policy="arguments", reason="schema_invalid", error=error[:1_000])
-        return [_tool_reply(request, ok=False, output="", error=error), refused]
+        args = _admit(deps, request)
+    except Permanent as exc:
+        policy = exc.policy if isinstance(exc, ToolDenied) else "arguments"
+        exc.outputs.append(_audit(deps, request, TOOL_DENIED, policy=policy, reason=exc.reason, error=str(exc)[:1_000]))
+        raise
     found = await deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",), min_score=deps.min_score)
     output = "\n".join(r.text for r in found) if found else "no matching facts"
     executed = _audit(deps, request, TOOL_EXECUTED, ok=True, replayed=False)
     return [_tool_reply(request, ok=True, output=output, error=None), executed]
+
+
+def _admit(deps: MemoryDeps, request: ToolCallRequested) -> KnowledgeSearchArgs:
+    """The same checks as the tools executor: a refusal is final, so it is dead-lettered."""
+    if request.tool != "kb_search":
+        raise ToolDenied(f"{request.tool!r} does not run on the memory service", policy="executor_tools")
+    kind = deps.catalogue.kinds.get(request.agent_kind) if deps.catalogue is not None else None
+    if deps.catalogue is not None and (kind is None or "kb_search" not in kind.tools):
+        # The agent checked this already; checked again in case the request was forged.
+        raise ToolDenied(f"kb_search is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist")
+    try:
+        return KnowledgeSearchArgs.model_validate(request.arguments)
+    except ValidationError as exc:
+        raise Permanent(f"invalid arguments for kb_search: {exc}", reason="schema_invalid") from exc
 
 
 def _audit(deps: MemoryDeps, request: ToolCallRequested, action: str, **detail: object) -> Outgoing:

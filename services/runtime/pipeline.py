@@ -24,8 +24,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, stop_after_delay, wait_exponential_jitter
 
 from schemas.envelope import Envelope
-from schemas.events import EVENT_TYPES, AuditRecorded, ToolCallRequested, WorkDeadLettered, decode_event
+from schemas.events import (
+    EVENT_TYPES,
+    AuditRecorded,
+    ToolCallRequested,
+    WorkDeadLettered,
+    decode_event,
+)
 from schemas.topics import Topics
+from services.runtime.audit import TOOL_DENIED, tool_audit
 from services.runtime.bus import Delivery, Outgoing, Producer, Subscription
 from services.runtime.errors import (
     DeadLetterReason,
@@ -35,7 +42,7 @@ from services.runtime.errors import (
     ToolDenied,
     TransportFailure,
 )
-from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, TOOL_DENIED, Signer, tool_audit
+from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
 from services.runtime.tracecontext import child_traceparent, trace_id
 
 log = logging.getLogger("switchboard.pipeline")

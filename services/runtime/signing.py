@@ -1,5 +1,5 @@
 """Trust at the tool boundary: the producing service signs each message's value with HMAC-SHA256,
-and a consumer refuses a request whose signature does not verify, and audits what it did.
+and a consumer refuses a request whose signature does not verify.
 
 The signature covers the value bytes only: a retry, a dead letter and a redrive carry the value
 and the original headers unchanged, so the signature still verifies wherever the message goes.
@@ -10,11 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Any
 
 from pydantic import SecretStr
-
-from schemas.events import AuditRecorded, ToolCallRequested
 
 SIGNATURE = "x-signature"
 """The header that carries `v1=<hex HMAC-SHA256 of the value>`."""
@@ -22,9 +19,6 @@ SCHEME = "v1"
 DEVELOPMENT_KEY = "switchboard-development-signing-key-do-not-deploy"
 """Used when SWITCHBOARD_SIGNING_KEY is unset, so the embedded run and the tests need no set-up.
 Anyone can read it here: a deployment must set its own key (`switchboard serve` warns)."""
-
-TOOL_EXECUTED = "tool.executed"
-TOOL_DENIED = "tool.denied"
 
 
 class Signer:
@@ -59,15 +53,3 @@ class Signer:
         if not self.verify(value, signature):
             return "the request's signature does not match its content (tampered, or signed with another key)"
         return None
-
-
-def tool_audit(request: ToolCallRequested, action: str, **detail: Any) -> AuditRecorded:
-    """The audit record of what an executor did with a tool request: the requesting agent kind is
-    the actor, the call is the subject."""
-    return AuditRecorded(
-        **request.caused(),
-        action=action,
-        actor=request.agent_kind or "unknown",
-        subject=request.call_id,
-        detail={"tool": request.tool, "goal": request.goal_id, "task": request.task_id, **detail},
-    )

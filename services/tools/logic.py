@@ -10,6 +10,7 @@ from functools import partial
 from pydantic import ValidationError
 
 from schemas.events import (
+    MAX_TEXT,
     ApprovalDecided,
     ApprovalRequested,
     ToolCallCompleted,
@@ -17,11 +18,11 @@ from schemas.events import (
 )
 from schemas.tools import TOOL_SPECS, ToolArgs, ToolSpec
 from services.runtime.approvals import Approval, ApprovalBook
+from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
-from services.runtime.signing import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.tools.limits import ToolLimiter
 from services.tools.redaction import Redactor
 from services.tools.registry import CallContext, Tool, ToolUsageError
@@ -45,6 +46,7 @@ class ToolsDeps:
     approvals_topic: str = ""
 
 
+TRUNCATED = "\n[truncated]"
 APPROVAL_REQUESTED = "approval.requested"
 APPROVAL_APPROVED = "approval.approved"
 APPROVAL_DENIED = "approval.denied"
@@ -190,6 +192,8 @@ def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool,
 def _reply(
     request: ToolCallRequested, *, ok: bool, output: str = "", error: str | None = None, replayed: bool = False
 ) -> Outgoing:
+    if len(output) > MAX_TEXT:  # e.g. a page under TOOLS_HTTP_MAX_BYTES but over what an event holds
+        output = output[: MAX_TEXT - len(TRUNCATED)] + TRUNCATED
     event = ToolCallCompleted(
         **request.caused(), call_id=request.call_id, step_id=request.step_id, tool=request.tool,
         ok=ok, output=output, error=error, replayed=replayed,

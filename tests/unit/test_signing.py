@@ -8,9 +8,10 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.events import ToolCallRequested
+from services.runtime.audit import tool_audit
 from services.runtime.host import ServiceSpec, Settings, kafka_app
 from services.runtime.settings import KafkaSettings, PlatformSettings, RedisSettings
-from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer, tool_audit
+from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
 
 REQUEST = ToolCallRequested(
     tenant="acme", goal_id="g1", task_id="g1.r1", call_id="c1", step_id="g1.r1:0", tool="calculator",

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from memory.keys import RedisKeys
-from schemas.events import AuditRecorded, ToolCallCompleted, ToolCallRequested
+from schemas.events import MAX_TEXT, AuditRecorded, ToolCallCompleted, ToolCallRequested
 from schemas.tools import HttpGetArgs, ToolArgs
 from services.agents.logic import validate_call
 from services.runtime.catalogue import AgentCatalogue
@@ -534,3 +534,11 @@ def test_log_records_are_redacted_by_the_installed_filter() -> None:
     text = stream.getvalue()
     assert "calling with [REDACTED]" in text and "RuntimeError: refused [REDACTED]" in text
     assert text.count("tok-0123456789abcdef") == 1, "only after the filter was removed"
+
+
+async def test_a_page_longer_than_an_event_holds_is_cut_not_dead_lettered(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:
+    with loopback_server([], ok_body=lambda _: b"y" * 150_000) as (base, _):
+        big_pages = registry.http_get(True, frozenset({"127.0.0.1"}), 200_000, 5.0)  # the default TOOLS_HTTP_MAX_BYTES
+        d = deps(redis, keys, tmp_path, http_get=big_pages)
+        reply = result(await logic.execute(d, request("http_get", {"url": f"{base}/big"}, kind="browser")))
+    assert reply.ok and len(reply.output) == MAX_TEXT and reply.output.endswith("[truncated]")

@@ -10,8 +10,10 @@ from typing import Any
 from services.runtime.offline_model import ToolCall, Turn, default_turn, role_of
 
 
-def parallel_plan(task_ids: list[str], kind: str = "researcher") -> str:
-    return json.dumps({"tasks": [{"id": t, "kind": kind, "instruction": f"Work out {t}"} for t in task_ids]})
+def parallel_plan(task_ids: list[str], kind: str = "researcher", instruction: str = "Work out {id}") -> str:
+    """Independent tasks of one kind; `instruction` may name the task's `{id}`."""
+    tasks = [{"id": t, "kind": kind, "instruction": instruction.format(id=t)} for t in task_ids]
+    return json.dumps({"tasks": tasks})
 
 
 def looping(task_ids: list[str]) -> Any:
@@ -32,6 +34,7 @@ def looping(task_ids: list[str]) -> Any:
 
 _CALL = re.compile(r"\bCALL\s+([A-Za-z0-9_]+)\s+(\{.*\})")
 _ANSWER = re.compile(r"\bANSWER\s+(.+)")
+_PLAN = re.compile(r"\bPLAN\s+(\{.*\})")
 
 
 def latest_data(messages: list[dict[str, Any]]) -> str:
@@ -50,18 +53,25 @@ def latest_data(messages: list[dict[str, Any]]) -> str:
     return next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
 
 
-def obedient(plan: list[str] | None = None) -> Any:
+def obedient(plan: list[str] | None = None, kind: str = "researcher", instruction: str = "Work out {id}") -> Any:
     """A fully compromised model: it does whatever the data it read last tells it to.
 
     A line `CALL <tool> <json arguments>` in the latest tool output or memory makes it call that
     tool (whether or not it was offered); `ANSWER <text>` makes it answer with that text. With no
-    such line it behaves like the default offline model. As a planner it plans `plan`, if given.
+    such line it behaves like the default offline model. As a planner it replies with the plan of
+    a `PLAN <json>` line in the goal, whatever it holds; else it plans `plan` (tasks of `kind`
+    with `instruction`), if given.
     """
 
     def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
         role = role_of(messages)
-        if role == "planner" and plan is not None:
-            return Turn(content=parallel_plan(plan))
+        if role == "planner":
+            goal = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+            ordered = _PLAN.search(goal)  # on every attempt: a corrected plan is asked for in vain
+            if ordered:
+                return Turn(content=ordered.group(1))
+            if plan is not None:
+                return Turn(content=parallel_plan(plan, kind, instruction))
         if role != "agent":
             return default_turn(messages, tools)
         data = latest_data(messages)

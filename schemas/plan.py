@@ -9,6 +9,8 @@ MAX_DEPTH = 6
 """Tasks on the longest dependency chain: a plan is at most this many rounds of work deep."""
 MAX_FAN_IN = 8
 """Tasks one task may depend on: what it is handed stays within what one model call can read."""
+MAX_FAN_OUT = 8
+"""Tasks that may depend on one task: no single result fans out into a swarm of work."""
 
 
 class PlannedTask(BaseModel):
@@ -37,6 +39,12 @@ class Plan(BaseModel):
                 raise ValueError(f"task {task.id!r} depends on unknown tasks {missing}")
             if task.id in task.depends_on:
                 raise ValueError(f"task {task.id!r} depends on itself")
+        for tid in ids:
+            dependents = [t.id for t in self.tasks if tid in t.depends_on]
+            if len(dependents) > MAX_FAN_OUT:
+                raise ValueError(
+                    f"{len(dependents)} tasks depend on task {tid!r}; at most {MAX_FAN_OUT} may: make the plan narrower"
+                )
         # Kahn's algorithm: a plan with a cycle would never finish. Each round is one level of
         # depth, so the rounds count the longest chain.
         remaining = {t.id: set(t.depends_on) for t in self.tasks}

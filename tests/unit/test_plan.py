@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas.plan import MAX_DEPTH, MAX_FAN_IN, MAX_TASKS, Plan
+from schemas.plan import MAX_DEPTH, MAX_FAN_IN, MAX_FAN_OUT, MAX_TASKS, Plan
 from services.orchestrator.logic import parse_plan, ready_tasks, sink_tasks
 
 KINDS = {"researcher", "writer"}
@@ -74,6 +74,15 @@ def test_a_task_may_depend_on_at_most_max_fan_in_tasks() -> None:
     writer = f'{{"id": "w1", "kind": "writer", "instruction": "y", "depends_on": [{deps}]}}'
     with pytest.raises(ValidationError, match=f"at most {MAX_FAN_IN} items"):
         parse_plan(plan_json(*sources, writer), KINDS)
+
+
+def test_at_most_max_fan_out_tasks_may_depend_on_one_task() -> None:
+    source = '{"id": "r0", "kind": "researcher", "instruction": "x"}'
+    fan = [f'{{"id": "w{i}", "kind": "writer", "instruction": "y", "depends_on": ["r0"]}}' for i in range(MAX_FAN_OUT)]
+    assert len(parse_plan(plan_json(source, *fan), KINDS).tasks) == MAX_FAN_OUT + 1
+    extra = '{"id": "w99", "kind": "writer", "instruction": "y", "depends_on": ["r0"]}'
+    with pytest.raises(ValidationError, match=f"{MAX_FAN_OUT + 1} tasks depend on task 'r0'"):
+        parse_plan(plan_json(source, *fan, extra), KINDS)
 
 
 def test_a_plan_may_have_at_most_max_tasks() -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from memory.keys import RedisKeys
 from schemas.events import (
+    AuditRecorded,
     MemoryHit,
     MemoryRecallCompleted,
     MemoryRecallRequested,
@@ -35,6 +36,7 @@ from services.agents.runaway import (
     result_digest,
     stale_after,
 )
+from services.runtime.audit import TOOL_DENIED
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentKind
@@ -275,7 +277,13 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
         checked = [validate_call(deps.kind, c) for c in completion.tool_calls]
         errors = [c for c in checked if isinstance(c, str)]
         if errors:
-            # Invalid output is a counted, bounded retry: the model sees what was wrong.
+            # Invalid output is a counted, bounded retry: the model sees what was wrong. Each
+            # refused call is audited, like a refusal at the executor.
+            outputs += [
+                refusal_audit(deps, cause, f"{step_id}:{call.call_index}", call, result)
+                for call, result in zip(completion.tool_calls, checked, strict=True)
+                if isinstance(result, str)
+            ]
             cp.invalid_outputs += 1
             if cp.invalid_outputs > deps.max_invalid_outputs:
                 return outputs + [fail(deps, cp, cause, "invalid_output", "; ".join(errors))]
@@ -302,6 +310,16 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
             topic = deps.topics.memory if TOOL_SPECS[v.call.name].executor == "memory" else deps.topics.tools
             outputs.append(Outgoing(topic, request, task_id))
         return outputs
+
+
+def refusal_audit(deps: AgentDeps, cause: Any, call_id: str, call: ModelToolCall, error: str) -> Outgoing:
+    """The audit record of a tool call the agent refused before sending it."""
+    policy = "agent_allowlist" if call.name not in deps.kind.tools else "arguments"
+    record = AuditRecorded(
+        **cause.caused(task_id=cause.task_id), action=TOOL_DENIED, actor=deps.kind.name, subject=call_id,
+        detail={"tool": call.name[:200], "policy": policy, "refused_by": "agent", "error": error[:1_000]},
+    )
+    return Outgoing(deps.topics.audit, record, cause.goal_id)
 
 
 def fail(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, reason: str, detail: str) -> Outgoing:

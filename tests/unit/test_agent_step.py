@@ -12,6 +12,7 @@ from memory.keys import RedisKeys
 from memory.state import VersionedStore
 from schemas.budget import BudgetLimits
 from schemas.events import (
+    AuditRecorded,
     LLMCallRecorded,
     MemoryRecallCompleted,
     MemoryRecallRequested,
@@ -126,6 +127,11 @@ async def test_a_tool_outside_the_allowlist_is_refused_and_the_model_is_told(
     assert done.result == "done without notes"
     tool_feedback = [m for m in seen[1] if m["role"] == "tool"]
     assert "not allowed for agent kind 'researcher'" in tool_feedback[0]["content"]
+    [audit] = events_of(outputs, AuditRecorded)
+    assert (audit.action, audit.actor, audit.detail["policy"], audit.detail["tool"]) == (
+        "tool.denied", "researcher", "agent_allowlist", "save_note"
+    )
+    assert [o.topic for o in outputs if isinstance(o.event, AuditRecorded)] == [topics.audit]
 
 
 async def test_invalid_arguments_are_a_bounded_retry_then_the_task_fails(

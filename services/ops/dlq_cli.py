@@ -30,11 +30,9 @@ from services.ops.terminal import (
     command,
     console,
     err,
+    reader_settings,
     run_async,
-    setup_logging,
 )
-from services.runtime.catalogue import AgentCatalogue
-from services.runtime.errors import ConfigurationError
 from services.runtime.host import Settings
 
 if TYPE_CHECKING:
@@ -74,18 +72,6 @@ SinceSelector = Annotated[
 ]
 UntilSelector = Annotated[str | None, typer.Option(help="Only records dead-lettered before then (same forms as --since).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
-
-
-def _dlq_settings() -> tuple[Settings, Topics]:
-    settings = Settings()
-    setup_logging(settings, quiet=True)
-    try:
-        settings.kafka.require()
-        topics = Topics(settings.platform.namespace, AgentCatalogue.load(settings.platform.agents_dir).names)
-    except ConfigurationError as exc:
-        err.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from exc
-    return settings, topics
 
 
 def _selection(
@@ -130,7 +116,7 @@ def dlq_list(
     any consumer group (it moves no one's offsets). Records a redrive has already republished are
     marked "redriven". Exits 0, also when nothing matches; 2 on a bad option or unreachable Kafka.
     """
-    settings, topics = _dlq_settings()
+    settings, topics = reader_settings()
     selection = _selection(topics, topic, reason, goal, since, until)
 
     async def main() -> int:
@@ -164,7 +150,7 @@ def dlq_show(
     own; --tenant is used only for a message that does not say.
     Exits 0; 1 when the record does not exist (any more); 2 on a malformed ID or unreachable Kafka.
     """
-    settings, topics = _dlq_settings()
+    settings, topics = reader_settings()
     try:
         dlq.parse_record_id(record_id)
     except ValueError as exc:
@@ -206,7 +192,7 @@ def dlq_stats(
     Depth is what each dead-letter topic holds now; growth is how many records were added within
     --window, and that rate per hour. A depth that keeps growing means something keeps failing.
     """
-    settings, topics = _dlq_settings()
+    settings, topics = reader_settings()
     try:
         span = dlq.parse_duration(window)
     except ValueError as exc:
@@ -255,7 +241,7 @@ def dlq_redrive(
     Exits 0 when every selected record was redriven (or none matched); 1 when it stopped part-way
     (the summary says which were redriven); 2 on a bad option, no selector, or no --yes without a terminal.
     """
-    settings, topics = _dlq_settings()
+    settings, topics = reader_settings()
     selection = _selection(topics, topic, reason, goal, since, until, record_ids)
     if not selection.narrows and not everything:
         err.print(

@@ -78,12 +78,25 @@ def calculator() -> Tool:
     return Tool(run)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> str:
+    """The TOOLS_HTTP_HEADERS key of a URL: `host` on the scheme's default port, else `host:port`."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    return host if port is None or port == _DEFAULT_PORTS.get(parts.scheme) else f"{host}:{port}"
+
+
 def http_get(
     enabled: bool, allowed_hosts: frozenset[str], max_bytes: int, timeout_s: float,
     host_headers: Mapping[str, Mapping[str, SecretStr]] | None = None,
 ) -> Tool:
     """`host_headers` (TOOLS_HTTP_HEADERS) are sent to their host only: the executor's secrets,
-    never the model's to set. Redirects are not followed, so they cannot carry them elsewhere."""
+    never the model's to set. A key `host` means that host on the scheme's default port, `host:port`
+    that port: the allowlist admits every port of a host, its secrets do not go to every port.
+    Redirects are not followed, so they cannot carry them elsewhere."""
     configured = host_headers or {}
 
     def check(args: ToolArgs) -> None:
@@ -99,8 +112,7 @@ def http_get(
     async def run(args: ToolArgs, _: CallContext) -> str:
         assert isinstance(args, HttpGetArgs)
         check(args)  # also when called on its own, not through the executor
-        host = (urlsplit(args.url).hostname or "").lower()
-        headers = {name: value.get_secret_value() for name, value in configured.get(host, {}).items()}
+        headers = {name: value.get_secret_value() for name, value in configured.get(_origin(args.url), {}).items()}
         body = bytearray()
         try:
             async with (

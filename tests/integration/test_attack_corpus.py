@@ -258,7 +258,7 @@ async def exfiltrate_a_secret(c: Corpus) -> None:
         with loopback_server([], page=page) as (allowed, hits):
             c.env(
                 TOOLS_HTTP_ENABLED="true", TOOLS_HTTP_ALLOWED_HOSTS="127.0.0.1",
-                TOOLS_HTTP_HEADERS=json.dumps({"127.0.0.1": {"Authorization": secret}}),
+                TOOLS_HTTP_HEADERS=json.dumps({allowed.removeprefix("http://"): {"Authorization": secret}}),
             )
             async with c.running(obedient(plan=["b1"], kind="browser")):
                 await c.goal("g-exfil", "Summarise the news. " + call("http_get", {"url": f"{allowed}/news"}))

@@ -496,13 +496,19 @@ async def test_configured_headers_go_to_their_host_and_are_redacted_from_the_ans
 ) -> None:
     seen = echo_headers(monkeypatch)
     base = "http://127.0.0.1:8080"
-    fetch = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"127.0.0.1": {"Authorization": SecretStr(SECRET)}})
+    fetch = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"127.0.0.1:8080": {"Authorization": SecretStr(SECRET)}})
     d = replace(deps(redis, keys, tmp_path, http_get=fetch), redact=Redactor([SECRET]))
     out = result(await logic.execute(d, request("http_get", {"url": f"{base}/whoami"}, kind="browser")))
+    ctx = registry.CallContext("acme", "g1", "g1.w1", "k")
     elsewhere = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"api.example.com": {"Authorization": SecretStr(SECRET)}})
-    await elsewhere.run(HttpGetArgs(url=f"{base}/other"), registry.CallContext("acme", "g1", "g1.w1", "k"))
+    await elsewhere.run(HttpGetArgs(url=f"{base}/other"), ctx)
+    await fetch.run(HttpGetArgs(url="http://127.0.0.1:9999/other-port"), ctx)
+    on_default_port = registry.http_get(True, frozenset({"127.0.0.1"}), 10_000, 5.0, {"127.0.0.1": {"Authorization": SecretStr(SECRET)}})
+    await on_default_port.run(HttpGetArgs(url=f"{base}/not-the-default-port"), ctx)
     assert seen[0]["authorization"] == SECRET, "the executor sent its configured header"
     assert "authorization" not in seen[1], "a host's headers go to that host only"
+    assert "authorization" not in seen[2], "... and to the port they were configured for only"
+    assert "authorization" not in seen[3], "a bare host name means the scheme's default port"
     assert out.ok and SECRET not in out.output and "tok-0123456789abcdef" not in out.output
     assert "[REDACTED]" in out.output
 

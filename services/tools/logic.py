@@ -62,6 +62,7 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested, traceparent: str 
         policy = exc.policy if isinstance(exc, ToolDenied) else "arguments"
         detail = {"policy": policy, "reason": exc.reason, "error": deps.redact(str(exc))[:1_000]}
         exc.outputs.append(_audit(deps, request, TOOL_DENIED, **detail))
+        exc.args = (deps.redact(str(exc)),)  # the message becomes the dead letter's x-dlq-exception-message
         raise
     canonical = args.model_dump(mode="json")
     digest = idempotency_digest(request.goal_id, request.task_id, request.step_id, request.tool, canonical)
@@ -85,6 +86,7 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested, traceparent: str 
     except Permanent as exc:  # the tool crashed (a Retryable is audited once it runs, or is dead-lettered)
         error = deps.redact(str(exc))[:1_000]
         exc.outputs.append(_executed(deps, request, spec, digest, ok=False, error=error, reason=exc.reason))
+        exc.args = (deps.redact(str(exc)),)
         raise
     return [
         _reply(request, ok=True, output=deps.redact(output), replayed=replayed),

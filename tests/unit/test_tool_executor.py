@@ -548,3 +548,15 @@ async def test_a_page_longer_than_an_event_holds_is_cut_not_dead_lettered(redis:
         d = deps(redis, keys, tmp_path, http_get=big_pages)
         reply = result(await logic.execute(d, request("http_get", {"url": f"{base}/big"}, kind="browser")))
     assert reply.ok and len(reply.output) == MAX_TEXT and reply.output.endswith("[truncated]")
+
+
+async def test_a_crash_that_names_a_secret_is_dead_lettered_with_the_secret_redacted(
+    redis: Redis, keys: RedisKeys, tmp_path: Path
+) -> None:
+    async def leaky(args: ToolArgs, ctx: registry.CallContext) -> str:
+        raise OSError(f"could not reach the API with {SECRET}")
+
+    d = replace(deps(redis, keys, tmp_path, calculator=registry.Tool(leaky)), redact=Redactor([SECRET]))
+    with pytest.raises(Permanent) as crashed:
+        await logic.execute(d, calc())
+    assert crashed.value.reason == "tool_failed" and SECRET not in str(crashed.value) and "[REDACTED]" in str(crashed.value)

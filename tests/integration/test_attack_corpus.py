@@ -207,6 +207,10 @@ class Corpus:
         return await self.watch.caught_up()
 
 
+def executed_audit(s: Seen) -> bool:
+    return isinstance(s.event, AuditRecorded) and s.event.action == "tool.executed"
+
+
 def request(c: Corpus, call_id: str, tool: str, arguments: dict[str, Any], kind: str = "researcher",
             goal: str = "g-forged") -> ToolCallRequested:
     return ToolCallRequested(
@@ -445,6 +449,7 @@ async def forged_and_tampered_requests(c: Corpus) -> None:
         await c.send.event(c.topics.memory, signed_kb, signed=True)
         await c.watch.wait_for(lambda s: isinstance(s.event, ToolCallCompleted), count=2)
         await c.watch.wait_for(lambda s: Topics.is_dlq(s.topic), count=3)
+        await c.watch.wait_for(executed_audit, count=2)  # produced just after each reply
         await c.everything()
 
     refused = {"forged", "tampered", "forged-kb"}
@@ -490,6 +495,7 @@ async def bad_arguments(c: Corpus) -> None:
         model, valid = await c.ended("g-model"), await c.ended("g-valid")
         await c.watch.wait_for(lambda s: isinstance(s.event, ToolCallCompleted) and s.event.call_id == "valid-kb")
         await c.watch.wait_for(lambda s: isinstance(s.event, ToolCallCompleted) and s.event.call_id == "valid")
+        await c.watch.wait_for(lambda s: executed_audit(s) and s.event.subject in ("valid", "valid-kb"), count=2)
         await c.everything()
 
     by_call = {

@@ -14,8 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from schemas.events import ApprovalDecided
-from services.ops.dlq_views import echo_json
-from services.ops.terminal import console, err, reader_settings, run_async
+from services.ops.terminal import console, echo_json, err, reader_settings, run_async
 from services.runtime.approvals import Approval, ApprovalBook
 from services.runtime.host import Settings, open_runtime
 from services.runtime.signing import SIGNATURE, Signer
@@ -45,7 +44,7 @@ def _row(approval: Approval) -> dict[str, object]:
     }
 
 
-def list_approvals(json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+def list_approvals(json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False) -> None:
     """The tool calls waiting for a decision, soonest to expire first."""
     settings, _ = reader_settings()
     _require_redis(settings)
@@ -54,8 +53,7 @@ def list_approvals(json_output: Annotated[bool, typer.Option("--json", help="One
         async with open_runtime(settings) as runtime:
             waiting = await ApprovalBook(runtime.redis, runtime.keys).pending()
         if json_output:
-            for approval in waiting:
-                echo_json(_row(approval))
+            echo_json([_row(approval) for approval in waiting])
             return 0
         if not waiting:
             console.print("no tool call is waiting for approval")

@@ -16,9 +16,14 @@ from rich.table import Table
 
 from schemas.events import AuditRecorded, decode_event
 from schemas.topics import Topics
-from services.ops.dlq_views import echo_json
 from services.ops.kafka_client import read_to_end
-from services.ops.terminal import console, parse_when, reader_settings, run_async
+from services.ops.terminal import (
+    console,
+    echo_json,
+    parse_when,
+    reader_settings,
+    run_async,
+)
 from services.runtime.host import Settings
 
 

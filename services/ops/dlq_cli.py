@@ -14,7 +14,6 @@ from schemas.topics import Topics
 from services.ops import dlq, redrive
 from services.ops.dlq import DeadLetter, Selection
 from services.ops.dlq_views import (
-    echo_json,
     plan_table,
     record_json,
     records_table,
@@ -29,6 +28,7 @@ from services.ops.terminal import (
     TenantOption,
     command,
     console,
+    echo_json,
     err,
     reader_settings,
     run_async,

@@ -6,7 +6,6 @@ import json
 from datetime import datetime
 from typing import Any
 
-import typer
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,11 +13,7 @@ from schemas.envelope import Envelope
 from schemas.topics import Topics
 from services.ops.dlq import DeadLetter, DlqStats
 from services.ops.redrive import RedrivePlan, RedriveReport
-from services.ops.terminal import console, err
-
-
-def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))  # not rich: it would wrap long lines
+from services.ops.terminal import console, err, short
 
 
 def _when(moment: datetime) -> str:
@@ -27,11 +22,6 @@ def _when(moment: datetime) -> str:
 
 def _local(topics: Topics, topic: str) -> str:
     return topic.removeprefix(f"{topics.namespace}.")
-
-
-def _short(text: str, limit: int) -> str:
-    flat = " ".join(text.split())
-    return escape(flat if len(flat) <= limit else flat[: limit - 1] + "…")
 
 
 def records_table(topics: Topics, records: list[DeadLetter], redriven: set[str], title: str) -> Table:
@@ -44,7 +34,7 @@ def records_table(topics: Topics, records: list[DeadLetter], redriven: set[str],
         mark = " [green]↻ redriven[/]" if r.id in redriven else ""
         table.add_row(
             escape(r.id) + mark, _when(r.dead_lettered_at), escape(_local(topics, r.original_topic)),
-            escape(r.reason), escape(r.goal_id or "-"), _short(r.exception, 80), str(r.attempts),
+            escape(r.reason), escape(r.goal_id or "-"), short(r.exception, 80), str(r.attempts),
         )
     return table
 
@@ -134,9 +124,9 @@ def _gist(event: Any) -> str:
         value = getattr(event, name, None)
         if isinstance(value, str) and value:
             detail = getattr(event, "detail", "") or getattr(event, "error", "") or ""
-            return _short(f"{name}: {value}" + (f" ({detail})" if detail else ""), 100)
+            return short(f"{name}: {value}" + (f" ({detail})" if detail else ""), 100)
     if getattr(event, "error", None):
-        return _short(f"error: {event.error}", 100)
+        return short(f"error: {event.error}", 100)
     return ""
 
 

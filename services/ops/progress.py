@@ -25,11 +25,7 @@ from schemas.events import (
     ToolCallRequested,
     WorkDeadLettered,
 )
-
-
-def _short(text: str, limit: int = 100) -> str:
-    flat = " ".join(text.split())
-    return escape(flat if len(flat) <= limit else flat[: limit - 1] + "…")
+from services.ops.terminal import short
 
 
 def _task(event: Envelope) -> str:
@@ -59,13 +55,13 @@ class ProgressView:
     def _line(self, event: Envelope) -> str | Table | None:
         match event:
             case GoalSubmitted():
-                return f"[bold]goal[/] {escape(event.goal_id)} submitted: {_short(event.text)}"
+                return f"[bold]goal[/] {escape(event.goal_id)} submitted: {short(event.text)}"
             case GoalPlanned():
                 table = Table(title=f"plan ({escape(event.prompt_version)}, {escape(event.model)})", title_justify="left")
                 for column in ("task", "agent", "instruction", "after"):
                     table.add_column(column)
                 for t in event.plan.tasks:
-                    table.add_row(t.id, t.kind, _short(t.instruction, 70), ", ".join(t.depends_on) or "-")
+                    table.add_row(t.id, t.kind, short(t.instruction, 70), ", ".join(t.depends_on) or "-")
                 limits = [f"{n}={getattr(event.budget, n):g}" for n in LIMIT_NAMES if getattr(event.budget, n) is not None]
                 table.caption = f"budget: {', '.join(limits) or 'unlimited'}"
                 table.caption_justify = "left"
@@ -73,16 +69,16 @@ class ProgressView:
             case WorkDeadLettered():
                 return (
                     f"[red]✗ dead-lettered[/] {escape(event.dead_event_type)} ({escape(event.reason)}) "
-                    f"→ {escape(event.dlq_topic)}: {_short(event.detail)}"
+                    f"→ {escape(event.dlq_topic)}: {short(event.detail)}"
                 )
             case GoalReopened():
                 return f"[cyan]↻ goal reopened[/] ({escape(event.reason)}, by {escape(event.requested_by)})"
             case TaskAssigned():
                 return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]"
             case MemoryRecallRequested():
-                return f"  [magenta]memory[/] {_task(event)} recalls: {_short(event.query, 60)}"
+                return f"  [magenta]memory[/] {_task(event)} recalls: {short(event.query, 60)}"
             case MemoryRecallCompleted():
-                found = "; ".join(_short(h.text, 50) for h in event.hits[:2]) or "nothing relevant"
+                found = "; ".join(short(h.text, 50) for h in event.hits[:2]) or "nothing relevant"
                 return f"  [magenta]memory[/] {_task(event)} ← {len(event.hits)} memories: {found}"
             case LLMCallRecorded():
                 self.llm_calls += 1
@@ -93,16 +89,16 @@ class ProgressView:
                     f"{event.latency_ms:.0f} ms[/]"
                 )
             case ToolCallRequested():
-                args = ", ".join(f"{k}={_short(str(v), 40)}" for k, v in event.arguments.items())
+                args = ", ".join(f"{k}={short(str(v), 40)}" for k, v in event.arguments.items())
                 return f"  [yellow]tool[/] {_task(event)} calls {escape(event.tool)}({args})"
             case ToolCallCompleted():
-                result = _short(event.output, 80) if event.ok else f"[red]error: {_short(event.error or '', 80)}[/]"
+                result = short(event.output, 80) if event.ok else f"[red]error: {short(event.error or '', 80)}[/]"
                 again = " (stored result)" if event.replayed else ""
                 return f"  [yellow]tool[/] {_task(event)} ← {escape(event.tool)}: {result}{again}"
             case TaskCompleted():
-                return f"[green]✓ task {_task(event)}[/] done in {event.steps} steps: {_short(event.result, 80)}"
+                return f"[green]✓ task {_task(event)}[/] done in {event.steps} steps: {short(event.result, 80)}"
             case TaskFailed():
-                return f"[red]✗ task {_task(event)} failed[/] ({escape(event.reason)}): {_short(event.detail)}"
+                return f"[red]✗ task {_task(event)} failed[/] ({escape(event.reason)}): {short(event.detail)}"
         return None
 
     def _finish(self, event: GoalCompleted | GoalFailed) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import re
 import sys
@@ -121,3 +122,13 @@ def parse_when(text: str, now: datetime) -> datetime:
             f"{text!r} is neither a duration (30m, 2h, 1d) nor an ISO time (2025-05-01T12:00:00Z)"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))  # not rich: it would wrap long lines
+
+
+def short(text: str, limit: int = 100) -> str:
+    """One line of at most `limit` characters, escaped for rich."""
+    flat = " ".join(text.split())
+    return escape(flat if len(flat) <= limit else flat[: limit - 1] + "…")

@@ -356,6 +356,11 @@ async def a_side_effect_without_approval(c: Corpus) -> None:
             )
             asked[goal_id] = seen.event
         notes_while_waiting = c.notes()
+        listed = await switchboard(c.settings, "approvals", "list", "--json")
+        waiting = {row["approval_id"] for row in json.loads(listed.output)} if listed.exit_code == 0 else set()
+        row.recorded["switchboard approvals list shows the waiting calls"] = {
+            asked["g-inject"].approval_id, asked["g-approved"].approval_id,
+        } <= waiting
         denied = await switchboard(c.settings, "deny", asked["g-inject"].approval_id, "--reason", "not asked for by a person")
         approved = await switchboard(c.settings, "approve", asked["g-approved"].approval_id)
         assert denied.exit_code == 0 and approved.exit_code == 0, f"{denied.output}\n{approved.output}"

@@ -1,7 +1,11 @@
-"""Text embedders: LiteLLM's embedding API in production, a deterministic hashing embedder offline.
+"""Text embedders: LiteLLM's embedding API in production; offline, WordLlama, else hashing.
 
-The hashing embedder is the last-resort offline default: it needs no download and gives the same
-vector in every process. It captures shared words, not meaning.
+Offline default: WordLlama's `l2_supercat` 256-d static token embeddings, whose weights and
+tokenizer ship inside the `wordllama` wheel, so nothing is downloaded. It knows that "port" and
+"listens" are related; it is far weaker than a transformer embedder but needs no network and
+embeds thousands of texts per second on a CPU. The hashing embedder is the last resort (if
+wordllama cannot be imported): the same vector in every process, shared words only, no meaning.
+`make bench-memory` prints the quality of each.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Protocol
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
@@ -47,6 +53,50 @@ class HashingEmbedder:
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return [self.embed_one(t) for t in texts]
+
+
+@cache
+def _wordllama() -> Any:
+    """WordLlama's packaged model, loaded from the files inside the wheel.
+
+    Own loader, not `WordLlama.load()`: in wordllama 0.4 `load()` looks for the tokenizer under
+    `wordllama/tokenizer/` while the wheel ships it under `wordllama/tokenizers/`, so it tries to
+    download it from Hugging Face, which fails offline.
+    """
+    import wordllama  # imported here: only the offline embedder needs it
+    from safetensors import safe_open
+    from wordllama.inference import WordLlamaInference
+    from wordllama.wordllama import WordLlama
+
+    root = Path(wordllama.__file__).parent
+    with safe_open(str(root / "weights" / "l2_supercat_256.safetensors"), framework="np") as weights:
+        embedding = weights.get_tensor("embedding.weight")
+    tokenizer = WordLlama.load_tokenizer(root / "tokenizers" / "l2_supercat_tokenizer_config.json")
+    return WordLlamaInference(embedding, tokenizer, binary=False)
+
+
+class WordLlamaEmbedder:
+    """Static word embeddings shipped in the wordllama wheel (256-d, mean-pooled, L2-normalised)."""
+
+    def __init__(self) -> None:
+        self.dim = 256
+        self.name = "wordllama-l2-supercat-256"
+        self._model = _wordllama()
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors = self._model.embed(texts, norm=True)
+        return [[float(v) for v in row] for row in vectors]
+
+
+def offline_embedder() -> Embedder:
+    """WordLlama when it can be loaded, else the hashing embedder."""
+    try:
+        return WordLlamaEmbedder()
+    except (ImportError, OSError) as exc:  # a broken install: say so, keep working
+        import logging
+
+        logging.getLogger("switchboard.memory").warning("wordllama unavailable (%s); using the hashing embedder", exc)
+        return HashingEmbedder()
 
 
 class LiteLLMEmbedder:

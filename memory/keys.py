@@ -34,6 +34,18 @@ class RedisKeys:
     def approval(self, tenant: str, approval_id: str) -> str:
         return f"{self._tenant(tenant)}:approval:{approval_id}"
 
+    def memory_write_lock(self, tenant: str) -> str:
+        """Held while one curated write to the tenant's semantic memory decides and writes."""
+        return f"{self._tenant(tenant)}:memory:write-lock"
+
+    def served_memories(self, tenant: str, task_id: str) -> str:
+        """The memory ids a task was shown (recall, kb_search): its result must not re-add them."""
+        return f"{self._tenant(tenant)}:task:{task_id}:served"
+
+    def task_brief(self, tenant: str, task_id: str) -> str:
+        """A task's instruction, kept so its outcome or failure lesson can say what was asked."""
+        return f"{self._tenant(tenant)}:task:{task_id}:brief"
+
     def pending_approvals(self) -> str:
         """Every tenant's undecided approvals, scored by when they expire (`<tenant>/<id>`)."""
         return f"sb:{self.namespace}:approvals:pending"

@@ -11,6 +11,7 @@ wordllama cannot be imported): the same vector in every process, shared words on
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from functools import cache
@@ -93,8 +94,6 @@ def offline_embedder() -> Embedder:
     try:
         return WordLlamaEmbedder()
     except (ImportError, OSError) as exc:  # a broken install: say so, keep working
-        import logging
-
         logging.getLogger("switchboard.memory").warning("wordllama unavailable (%s); using the hashing embedder", exc)
         return HashingEmbedder()
 

@@ -166,7 +166,12 @@ class MemoryHit(BaseModel):
     kind: str
     text: str
     score: float
+    """Relevance after weighing quality and recency (the order hits are served in)."""
     source_goal: str | None = None
+    label: str | None = None
+    """Set on failure lessons (`FAILED (<cause>): do not repeat`): a past mistake, never an example."""
+    version: int = 1
+    """Facts: which version of the fact this is; only the current version is ever served."""
 
 
 class MemoryRecallRequested(Envelope):
@@ -199,6 +204,11 @@ class LLMCallRecorded(Envelope):
     step_id: str | None = None
     instance: str
     """Which replica made the call (host:pid)."""
+    context_tokens: int | None = None
+    """Estimated tokens of the context assembled for this call (agent steps)."""
+    full_history_tokens: int | None = None
+    """What the naive context would have cost: the task, its whole uncompressed scratchpad and
+    every recalled memory, with nothing summarised or left out."""
     findings: list[str] = Field(default_factory=list)
     """Injection markers found in the untrusted data this call saw first (tool output, memories,
     earlier tasks' results), e.g. `tool:calculator: instruction-like text 'you are now'`. They are

@@ -47,6 +47,13 @@ class SaveNoteArgs(ToolArgs):
     body: str = Field(min_length=1, max_length=20_000)
 
 
+class RememberFactArgs(ToolArgs):
+    subject: str = Field(min_length=1, max_length=200)
+    """What the fact is about (`billing service port`). A later fact with the same subject (case,
+    spacing and punctuation aside) is a newer version that supersedes this one."""
+    fact: str = Field(min_length=1, max_length=2_000)
+
+
 Executor = Literal["tools", "memory"]
 
 
@@ -79,6 +86,13 @@ TOOL_SPECS: dict[str, ToolSpec] = {
             "kb_search",
             "Search the tenant's knowledge base (semantic memory) for facts.",
             KnowledgeSearchArgs,
+            executor="memory",
+        ),
+        ToolSpec(
+            "remember_fact",
+            "Store a fact in the tenant's shared memory. A fact with the same subject replaces the "
+            "older one; a fact already known is not stored twice.",
+            RememberFactArgs,
             executor="memory",
         ),
         ToolSpec("http_get", "Fetch a URL from an allowlisted host.", HttpGetArgs),

@@ -7,14 +7,15 @@ reach memory through events. Set QDRANT_URL to share a Qdrant server between rep
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from qdrant_client import AsyncQdrantClient
 
-from memory.embeddings import Embedder, HashingEmbedder, LiteLLMEmbedder
-from memory.semantic import SemanticMemory
+from memory.embeddings import Embedder, LiteLLMEmbedder, offline_embedder
+from memory.semantic import Curation, SemanticMemory
 from memory.timeline import GoalTimeline
 from schemas.events import MemoryRecallRequested, ToolCallRequested
 from services.memory_service import logic
@@ -40,13 +41,21 @@ def _embedder(runtime: Runtime) -> Embedder:
     llm = runtime.settings.llm
     if llm.embedding_model:
         return LiteLLMEmbedder(llm.embedding_model, llm.embedding_dim)
-    return HashingEmbedder()
+    return offline_embedder()
 
 
 async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
     settings = MemorySettings()
     client, local = _qdrant(runtime)
-    semantic = SemanticMemory(client, _embedder(runtime), runtime.settings.platform.namespace, local)
+    embedder = _embedder(runtime)
+    curation = Curation.for_embedder(embedder)
+    if settings.min_score is not None:
+        curation = replace(curation, min_score=settings.min_score)
+    if settings.duplicate_threshold is not None:
+        curation = replace(curation, duplicate=settings.duplicate_threshold)
+    semantic = SemanticMemory(
+        client, embedder, runtime.settings.platform.namespace, local, curation, runtime.redis, runtime.keys
+    )
     await semantic.ensure_collection()
     seed = settings.seed_file or SEED
     if seed.exists() and settings.seed_tenants:
@@ -54,9 +63,12 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
     deps = logic.MemoryDeps(
         semantic=semantic,
         timeline=GoalTimeline(runtime.redis, runtime.keys, settings.stream_maxlen, settings.stream_ttl_s),
-        min_score=settings.min_score,
+        redis=runtime.redis,
+        keys=runtime.keys,
         audit_topic=runtime.topics.audit,
+        min_score=settings.min_score,
         catalogue=runtime.catalogue,
+        task_ttl_s=settings.task_ttl_s,
     )
 
     topics = runtime.topics
@@ -67,7 +79,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                 topics=(topics.memory,),
                 handlers={
                     MemoryRecallRequested: on(partial(logic.recall, deps)),
-                    ToolCallRequested: on(partial(logic.search_knowledge, deps)),
+                    ToolCallRequested: on(partial(logic.execute_tool, deps)),
                 },
                 require_signature=frozenset({ToolCallRequested}),
             ),

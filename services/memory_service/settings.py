@@ -14,8 +14,14 @@ class MemorySettings(BaseSettings):
 
     stream_maxlen: int = Field(default=10_000, ge=100)
     stream_ttl_s: int = Field(default=7 * 86_400, ge=60)
-    min_score: float = Field(default=0.15, ge=-1.0, le=1.0)
-    """Relevance threshold (cosine similarity) below which a memory is not recalled."""
+    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    """Relevance threshold (cosine similarity) below which a memory is not recalled; unset: the
+    embedder's default (memory.semantic.Curation.for_embedder)."""
+    duplicate_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Similarity at which a write merges into an existing memory that names the same things;
+    unset: the embedder's default."""
+    task_ttl_s: int = Field(default=7 * 86_400, ge=60)
+    """How long a task's instruction and the memories it was served are kept, to curate its outcome."""
     seed_file: Path | None = None
     """JSON lines of {id, text} facts loaded into the knowledge base at start-up; defaults to memory/seed/knowledge.jsonl."""
     seed_tenants: Annotated[tuple[str, ...], NoDecode] = ("default",)

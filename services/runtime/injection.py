@@ -53,7 +53,7 @@ _INSTRUCTIONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("persona", r"\bsystem\s+prompt\b"),
         ("persona", r"\bnew\s+instructions?\b"),
         ("tool", r"\b(?:call|invoke|execute)\s+(?:the\s+)?(?:tool|function)\b"),
-        ("tool", r"\b(?:call|invoke|execute)\s+(?:the\s+)?(?:calculator|kb_search|http_get|save_note)\b"),
+        ("tool", r"\b(?:call|invoke|execute)\s+(?:the\s+)?(?:calculator|kb_search|remember_fact|http_get|save_note)\b"),
         ("budget", r"\b(?:raise|increase|extend|lift|remove|disable)\s+(?:your\s+|the\s+|my\s+|its\s+)?"
                    r"(?:token\s+|cost\s+|step\s+|tool\s+)?(?:budgets?|limits?|quotas?)\b"),
         ("role", r"^[ \t>*#-]*(?:system|assistant|developer|user|tool)\s*:"),

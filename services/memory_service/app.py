@@ -1,5 +1,5 @@
-"""Memory service wiring: answers recalls and kb_search (signed requests only) on the memory topic;
-records every goal topic.
+"""Memory service wiring: answers recalls and the memory tools, kb_search and remember_fact
+(signed requests only), on the memory topic; records and curates every goal topic.
 
 Qdrant local mode (a path) allows one process per path, so this service owns it; other services
 reach memory through events. Set QDRANT_URL to share a Qdrant server between replicas.

@@ -35,6 +35,7 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
         max_invalid_outputs=settings.max_invalid_outputs,
         recall_k=settings.recall_k,
         tool_output_chars=settings.tool_output_chars,
+        context_tokens=settings.context_tokens,
         budget=runtime.budget,
         runaway=RunawayLimits(repeats=settings.loop_repeats, stale_steps=settings.loop_stale_steps),
     )

@@ -1,9 +1,11 @@
 """One agent step per event: recall memory, call the model, validate its tool calls, or finish.
 
 The reasoning loop's state is a TaskCheckpoint in Redis; nothing is kept in process memory, so
-any replica can continue any task. Before each model call the gateway checks the goal's budget;
-before tool calls go out, the platform checks for runaway loops and counts them against the
-budget. A stopped goal's task parks at its next step and continues from there if it is reopened.
+any replica can continue any task. Each model call's context is assembled afresh from the task,
+its recalled memories and its scratchpad, within the agent's token budget (context.py). Before
+each model call the gateway checks the goal's budget; before tool calls go out, the platform
+checks for runaway loops and counts them against the budget. A stopped goal's task parks at its
+next step and continues from there if it is reopened.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from schemas.events import (
 )
 from schemas.tools import MAX_ARGUMENTS_BYTES, TOOL_SPECS, arguments_size
 from schemas.topics import Topics
+from services.agents.context import Shown, assemble, untrusted
 from services.agents.runaway import (
     RunawayLimits,
     call_signature,
@@ -42,7 +45,6 @@ from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentKind
 from services.runtime.errors import GoalStopped, Permanent
 from services.runtime.idempotency import Ledgered, StepLedger
-from services.runtime.injection import neutralize, scan
 from services.runtime.llm import LLMGateway, ModelToolCall
 from services.runtime.prompts import Prompt
 
@@ -62,7 +64,10 @@ class TaskCheckpoint(Ledgered):
     """`cancelled`: the goal was stopped when this task was about to call the model; it resumes
     from here when the goal is reopened."""
     step: int = 0
-    messages: list[dict[str, Any]] = []
+    memories: list[MemoryHit] = []
+    """The recalled memories, ranked; each step's context packs as many as its budget allows."""
+    scratchpad: list[dict[str, Any]] = []
+    """The model's turns and the tool replies, uncompressed (tool output already cut)."""
     pending: list[PendingCall] = []
     invalid_outputs: int = 0
     calls: list[list[str]] = []
@@ -71,8 +76,11 @@ class TaskCheckpoint(Ledgered):
     """Digests of the tool results so far; a step that brings back only these adds nothing."""
     stale_steps: int = 0
     findings: list[str] = []
-    """Injection markers in untrusted data that arrived since the last model call: they go on the
+    """Injection markers in tool replies that arrived since the last model call: they go on the
     record of the next call, the first to see that data."""
+    reported: list[str] = []
+    """Injection markers in the inputs and memories already on a call's record: a memory may be
+    shown on many calls (or first on a later one, if it did not fit before) but is reported once."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class AgentDeps:
     max_invalid_outputs: int
     recall_k: int
     tool_output_chars: int
+    context_tokens: int
     budget: BudgetLedger
     runaway: RunawayLimits
 
@@ -96,46 +105,6 @@ class AgentDeps:
 class ValidatedCall:
     call: ModelToolCall
     arguments: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Shown:
-    """Untrusted data as the model is shown it, and the injection markers found in it."""
-
-    text: str
-    findings: list[str]
-
-
-def clip(text: str, limit: int) -> str:
-    """Neutralized and cut to `limit` characters (neutralized again: a cut can end in a tag)."""
-    clean = neutralize(text)
-    return clean if len(clean) <= limit else neutralize(clean[:limit]) + "\n[truncated]"
-
-
-def untrusted(source: str, body: str, limit: int) -> Shown:
-    """Data from tools reaches the model delimited, size-limited, marked untrusted and unable to
-    close its block; it is scanned in full, before it is cut."""
-    findings = [f.describe(source) for f in scan(body)]
-    text = f'<untrusted source="{source}">\n<tool_output>\n{clip(body, limit)}\n</tool_output>\n</untrusted>'
-    return Shown(text, findings)
-
-
-def task_message(assignment: TaskAssigned, hits: list[MemoryHit], limit: int) -> Shown:
-    """The task, then two blocks of untrusted data: the results of the tasks it depends on (model
-    output that may carry what its own tools read) and the recalled memories."""
-    parts = [f"Task: {assignment.instruction}", f"Goal: {assignment.goal_text}"]
-    findings: list[str] = []
-    if assignment.inputs:
-        for dep, result in assignment.inputs.items():
-            findings += [f.describe(f"input:{dep}") for f in scan(result)]
-        lines = "\n".join(f"[{dep}] {neutralize(result)}" for dep, result in assignment.inputs.items())
-        parts.append(f'<untrusted source="inputs">\n<inputs>\n{lines}\n</inputs>\n</untrusted>')
-    if hits:
-        for h in hits:
-            findings += [f.describe(f"memory:{h.memory_id}") for f in scan(h.text)]
-        lines = "\n".join(f"- ({h.kind}) {h.text}" for h in hits)
-        parts.append(f'<untrusted source="memory">\n{clip(lines, limit)}\n</untrusted>')
-    return Shown("\n".join(parts), findings)
 
 
 def note_findings(cp: TaskCheckpoint, shown: Shown) -> str:
@@ -184,8 +153,6 @@ async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
         if deps.recall_k == 0:
-            shown = task_message(event, [], deps.tool_output_chars)
-            cp.messages = [{"role": "user", "content": note_findings(cp, shown)}]
             return cp, await think(deps, cp, event)
         request = MemoryRecallRequested(
             **event.caused(), request_id=f"{event.task_id}:recall", query=event.instruction,
@@ -200,8 +167,7 @@ async def resume_with_memories(deps: AgentDeps, event: MemoryRecallCompleted) ->
     async def step(cp: TaskCheckpoint | None) -> tuple[TaskCheckpoint | None, list[Outgoing]]:
         if cp is None or cp.status != "recalling" or event.request_id != f"{event.task_id}:recall":
             return None, []  # stale or duplicate
-        shown = task_message(cp.assignment, event.hits, deps.tool_output_chars)
-        cp.messages = [{"role": "user", "content": note_findings(cp, shown)}]
+        cp.memories = event.hits
         return cp, await think(deps, cp, event)
 
     key = deps.keys.task_checkpoint(event.tenant, event.task_id or "")
@@ -223,7 +189,7 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
         results = [p.result or "" for p in cp.pending]
         cp.stale_steps = stale_after(deps.runaway, cp.seen_results, cp.stale_steps, results)
         cp.seen_results += [result_digest(r) for r in results]
-        cp.messages += [
+        cp.scratchpad += [
             {"role": "tool", "tool_call_id": p.model_call_id, "content": p.result} for p in cp.pending
         ]
         cp.pending = []
@@ -259,17 +225,26 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
         if cp.step >= deps.max_steps:
             return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]
         step_id = f"{task_id}:{cp.step}"
-        log.info("step %s: calling %s", step_id, deps.model)
+        context = assemble(
+            system=deps.prompt.text, task=task, memories=cp.memories, scratchpad=cp.scratchpad,
+            budget_tokens=deps.context_tokens, tool_output_chars=deps.tool_output_chars,
+        )
+        new = [f for f in context.findings if f not in cp.reported]
+        if new:
+            log.warning("task %s: injection markers in untrusted data: %s", task_id, "; ".join(new))
+        log.info("step %s: calling %s with %d context tokens (budget %d, the full history would be %d)",
+                 step_id, deps.model, context.tokens, deps.context_tokens, context.full_history_tokens)
         completion = await deps.llm.complete(
-            model=deps.model, prompt=deps.prompt,
-            messages=[{"role": "system", "content": deps.prompt.text}, *cp.messages],
+            model=deps.model, prompt=deps.prompt, messages=context.messages,
             purpose="step", agent=deps.kind.name, cause=cause, tools=tools or None, step_id=step_id,
-            findings=cp.findings,
+            findings=cp.findings + new, context_tokens=context.tokens,
+            full_history_tokens=context.full_history_tokens,
         )
         cp.findings = []
+        cp.reported += new
         outputs.append(Outgoing(deps.topics.llm_calls, completion.record, task.goal_id))
         cp.step += 1
-        cp.messages.append(completion.assistant_message)
+        cp.scratchpad.append(completion.assistant_message)
         if not completion.tool_calls:
             cp.status = "done"
             done = TaskCompleted(**cause.caused(), kind=deps.kind.name, result=completion.content or "", steps=cp.step)
@@ -290,7 +265,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
             for call, result in zip(completion.tool_calls, checked, strict=True):
                 content = result if isinstance(result, str) else "not run: another call in this turn was invalid"
                 model_id = completion.assistant_message["tool_calls"][call.call_index]["id"]
-                cp.messages.append({"role": "tool", "tool_call_id": model_id, "content": content})
+                cp.scratchpad.append({"role": "tool", "tool_call_id": model_id, "content": content})
             continue
         valid = [c for c in checked if not isinstance(c, str)]
         signatures = [call_signature(v.call.name, v.arguments) for v in valid]

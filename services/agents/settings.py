@@ -18,6 +18,10 @@ class AgentSettings(BaseSettings):
     max_invalid_outputs: int = Field(default=2, ge=0)
     recall_k: int = Field(default=3, ge=0, le=50)
     tool_output_chars: int = Field(default=4_000, ge=100)
+    context_tokens: int = Field(default=3_000, ge=256)
+    """Token budget of the context of one model call: the task, the latest step, the results it
+    depends on, recalled memories and a summary of the older steps (services/agents/context.py).
+    The system prompt, the task and the latest step are sent even when they alone exceed it."""
     checkpoint_ttl_s: int = 7 * 86_400
     loop_repeats: int = Field(default=3, ge=2)
     """The same tool with the same arguments this many times in one task stops it as runaway."""

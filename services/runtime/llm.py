@@ -113,8 +113,12 @@ class LLMGateway:
         json_mode: bool = False,
         step_id: str | None = None,
         findings: list[str] | None = None,
+        context_tokens: int | None = None,
+        full_history_tokens: int | None = None,
     ) -> Completion:
-        """`findings`: injection markers in the untrusted data new to this call, for its record."""
+        """`findings`: injection markers in the untrusted data new to this call, for its record.
+        `context_tokens` and `full_history_tokens`: the caller's estimate of `messages` and of the
+        uncompressed context it was assembled from, recorded to show what the assembly saved."""
         if not _is_offline(model) and not self.allow_real_models:
             raise ConfigurationError(f"real model calls are disabled here; {model!r} was asked for")
         kwargs: dict[str, Any] = {
@@ -179,6 +183,8 @@ class LLMGateway:
             step_id=step_id,
             instance=self.instance,
             findings=list(findings or []),
+            context_tokens=context_tokens,
+            full_history_tokens=full_history_tokens,
         )
         return Completion(choice.content, tool_calls, assistant, record)
 

@@ -14,6 +14,7 @@ from schemas.budget import BudgetLimits
 from schemas.events import (
     AuditRecorded,
     LLMCallRecorded,
+    MemoryHit,
     MemoryRecallCompleted,
     MemoryRecallRequested,
     TaskAssigned,
@@ -38,7 +39,8 @@ from services.runtime.settings import BudgetSettings, LLMSettings
 def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | None = None, **overrides: Any) -> logic.AgentDeps:
     kind = AgentCatalogue.load().get("researcher")
     options: dict[str, Any] = {
-        "max_steps": 4, "max_invalid_outputs": 1, "recall_k": 3, "tool_output_chars": 2000, "runaway": RunawayLimits(),
+        "max_steps": 4, "max_invalid_outputs": 1, "recall_k": 3, "tool_output_chars": 2000, "context_tokens": 3000,
+        "runaway": RunawayLimits(),
         "budget": BudgetLedger(redis, keys, BudgetSettings()),
     }
     options.update(overrides)
@@ -241,3 +243,46 @@ async def test_a_task_that_finished_while_its_goal_was_failed_sends_its_result_a
     again = await logic.start_task(deps, assignment().model_copy(update={"event_id": "reopened", "resume": True}))
     assert events_of(again, TaskCompleted) == [done]  # the same event: the orchestrator applies it once
     assert deps.llm.offline.calls == 1
+
+
+async def test_every_step_of_a_long_task_is_sent_within_the_context_budget(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    turns = 0
+
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        nonlocal turns
+        turns += 1
+        if turns > 6:
+            return Turn(content="Lyon has about 520,000 inhabitants.")
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{turns}*7"})])
+
+    budget = 600
+    deps = make_deps(redis, keys, topics, script=script, max_steps=10, context_tokens=budget)
+    [out] = await logic.start_task(deps, assignment("Find the population of Lyon"))
+    lesson = MemoryHit(memory_id="f1", kind="lesson", text="Searched the census page by page.", score=0.9,
+                       label="FAILED (budget_exceeded): do not repeat")
+    fact = MemoryHit(memory_id="m1", kind="fact", text="Lyon is in France.", score=0.8)
+    outputs = await logic.resume_with_memories(
+        deps, MemoryRecallCompleted(**out.event.caused(), request_id=out.event.request_id, hits=[lesson, fact])
+    )
+    records = events_of(outputs, LLMCallRecorded)
+    for n in range(10):
+        requests = events_of(outputs, ToolCallRequested)
+        if not requests:
+            break
+        outputs = await logic.resume_with_tool_result(deps, answered(requests[0], f"{n}: " + "digits " * 100))
+        records += events_of(outputs, LLMCallRecorded)
+
+    [done] = events_of(outputs, TaskCompleted)
+    assert done.steps == 7 and len(records) == 7
+    for record in records:
+        assert record.context_tokens is not None and record.full_history_tokens is not None
+        assert record.context_tokens <= budget  # the context stays within its token budget
+        assert record.full_history_tokens >= record.context_tokens
+        assert record.messages[1]["content"].startswith("Task: Find the population of Lyon")
+    assert records[-1].full_history_tokens > 2 * budget  # the naive history would have been far over
+    first_context = str(records[0].messages[1]["content"])
+    assert "- FAILED (budget_exceeded): do not repeat — Searched the census page by page." in first_context
+    summary = str(records[-1].messages[2]["content"])
+    assert "- step 5: calculator(expression=\"5*7\") -> 4: digits digits" in summary

@@ -133,9 +133,11 @@ async def test_a_recalled_memory_cannot_close_its_block_and_its_markers_are_reco
     assert "memory:m-bad: instruction-like text 'you are now'" in first.findings
     assert any(f.startswith("memory:m-bad: invisible characters U+200B") for f in first.findings)
     assert not any(f.startswith("memory:m-ok") for f in first.findings)
-    # The checkpoint keeps what the model was shown.
+    # The checkpoint keeps the memories as recalled (each step's context is built from them), and
+    # their findings are reported once, on this first call.
     cp = await deps.ledger.store.load(logic.checkpoint_key(deps, assignment()))
-    assert cp is not None and cp.messages[0]["content"] == shown and cp.findings == []
+    assert cp is not None and cp.memories == [poisoned, benign] and cp.findings == []
+    assert set(first.findings) <= set(cp.reported)
 
 
 async def test_earlier_tasks_results_are_marked_untrusted_and_neutralized(

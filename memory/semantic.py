@@ -2,12 +2,14 @@
 
 Writes are curated, by rules and thresholds, never by a model:
 - **Near-duplicates merge.** A write whose nearest memory of the same kind is at least
-  `Curation.duplicate` similar and names the same things (numbers, names: `_salient`) updates that
-  memory (seen count, quality, provenance) instead of adding one.
+  `Curation.duplicate` similar and names the same things (numbers, identifiers, names:
+  `names_agree`) updates that memory (seen count, quality, provenance) instead of adding one.
 - **Facts have versions.** A fact written with a subject is the current version of that subject
   until a fact with the same normalised subject and a later `valid_from` supersedes it. The old
   version stays, marked superseded and linked to its successor. Which version is current depends
-  only on `valid_from` (then the source, to break ties), not on the order writes arrive in.
+  only on `valid_from` (then the source, to break ties), not on the order writes arrive in. A
+  same-subject write merges only if it gives the same value (`same_value`): a changed value
+  must never be merged away.
 - **Echoes are dropped.** A write that repeats a memory served to the same task (`served`) is
   not stored again: recalled memories never come back as new ones.
 - **Failures are lessons.** A lesson carries its cause and a label, so it is served as a mistake
@@ -62,7 +64,7 @@ class Curation:
     `make bench-memory` measures what they give: duplicates merged, leaks, recall.
     """
 
-    duplicate: float = 0.82
+    duplicate: float = 0.75
     """At or above: the same memory said again (merged), if it names the same things."""
     echo: float = 0.8
     """At or above, against a memory served to the same task: an echo, not stored."""
@@ -143,17 +145,63 @@ def _normalize_text(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.casefold()))
 
 
-def _salient(text: str) -> frozenset[str]:
-    """What a statement names: tokens with digits, and capitalised words that are not function
-    words (a sentence may start with `The` or `On`, or with a name).
+def _tokens(text: str) -> list[str]:
+    return [w.strip(".:,/-") for w in _WORD.findall(text) if w.strip(".:,/-")]
 
-    Two texts can be close in embedding space and still disagree (`port 8080` / `port 9090`,
-    `owned by Alice` / `owned by Bob`); they are duplicates only if they name the same things.
-    """
-    words = [w.strip(".:,/-") for w in _WORD.findall(text)]
-    named = {w.casefold() for w in words if any(c.isdigit() for c in w)}
-    named |= {w.casefold() for w in words if w[:1].isupper() and w.casefold() not in _FUNCTION_WORDS}
+
+def _identifiers(text: str) -> frozenset[str]:
+    """Numbers and identifiers: tokens with digits, hyphens or underscores."""
+    return frozenset(w.casefold() for w in _tokens(text) if any(c.isdigit() or c in "-_" for c in w))
+
+
+def _named(text: str) -> frozenset[str]:
+    """What a statement names: numbers and identifiers (tokens with digits, hyphens or
+    underscores) and capitalised words that do not start a sentence (`Root cause: ...` names
+    nothing; `owned by Alice` names Alice)."""
+    named: set[str] = set()
+    for match in _WORD.finditer(text):
+        word = match.group(0).strip(".:,/-")
+        if not word:
+            continue
+        before = text[: match.start()].rstrip()
+        starts_sentence = not before or before[-1] in ".:;!?()[]\n"
+        if any(c.isdigit() or c in "-_" for c in word) or (
+            word[:1].isupper() and not starts_sentence and word.casefold() not in _FUNCTION_WORDS
+        ):
+            named.add(word.casefold())
     return frozenset(named)
+
+
+def _stems(text: str) -> frozenset[str]:
+    """Content words cut to four letters, so `listens`/`listening` agree and `payments`/`sre` differ."""
+    return frozenset(w.casefold()[:4] for w in _tokens(text) if w.casefold() not in _FUNCTION_WORDS)
+
+
+def names_agree(a: str, b: str) -> bool:
+    """Each text mentions everything the other names. Two texts can be close in embedding space
+    and still disagree (`port 8080` / `port 9090`, `owned by Alice` / `owned by Bob`); they are
+    duplicates only if nothing one names is missing from the other."""
+    words_a = {w.casefold() for w in _tokens(a)}
+    words_b = {w.casefold() for w in _tokens(b)}
+    return _named(a) <= words_b and _named(b) <= words_a
+
+
+def same_value(a: str, b: str, subject: str) -> bool:
+    """For two statements of one subject: do they give the same value?
+
+    Yes if, apart from the subject's own words, they name the same numbers and identifiers
+    (`port 8080`, `eu-west-1`, `#sre-pager`), however they are worded (`TCP` or `AWS` in one
+    wording only does not matter). If they name nothing
+    beyond the subject (`the payments team owns it` / `the sre team owns it`), only the same
+    content words (by stem) count as the same value; a paraphrase in other words then becomes a
+    new version, which is safe: it states the same. A value that differs only in a plain word
+    while every named thing matches is merged: the known limit of deciding by rules.
+    """
+    own = {w.casefold() for w in _tokens(subject)}
+    values_a, values_b = _identifiers(a) - own, _identifiers(b) - own
+    if values_a or values_b:
+        return values_a == values_b
+    return names_agree(a, b) and _stems(a) == _stems(b)
 
 
 def lesson_label(cause: str | None) -> str:
@@ -281,8 +329,11 @@ class SemanticMemory:
         text = str(payload.get("text", ""))
         if _normalize_text(text) == _normalize_text(record.text):
             return True
+        if record.subject:
+            # The same subject already ties them to one fact; only the value decides.
+            return same_value(text, record.text, record.subject)
         similarity = point.similarity if vector is None else _cosine(vector, point.vector)
-        return similarity >= self.curation.duplicate and _salient(text) == _salient(record.text)
+        return similarity >= self.curation.duplicate and names_agree(text, record.text)
 
     async def _neighbours(self, tenant: str, vector: list[float]) -> list[_Point]:
         """The tenant's current memories close enough to be related, best first."""

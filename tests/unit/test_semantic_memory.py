@@ -14,7 +14,7 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from memory.embeddings import Embedder, HashingEmbedder, WordLlamaEmbedder
-from memory.semantic import MemoryRecord, SemanticMemory, _salient, normalize_subject
+from memory.semantic import MemoryRecord, SemanticMemory, names_agree, normalize_subject, same_value
 
 T0 = time.time() - 3_600
 PORT_V1 = "The billing service listens on port 8080."
@@ -122,5 +122,20 @@ async def test_irrelevant_questions_get_no_answer(memory: SemanticMemory) -> Non
 
 def test_subjects_and_named_things_are_normalised() -> None:
     assert normalize_subject("  Billing-Port! ") == normalize_subject("billing port")
-    assert _salient("On the orders topic, Kafka keeps 7 days.") == _salient("Kafka keeps 7 days on the orders topic")
-    assert _salient("owned by Alice") != _salient("owned by Bob")
+    assert names_agree("On the orders topic, Kafka keeps 7 days.", "Kafka keeps 7 days on the orders topic")
+    assert not names_agree("owned by Alice", "owned by Bob")
+    assert not names_agree("listens on port 8080", "listens on port 9090")
+    assert not names_agree("INC-1234 was a disk failure", "INC-1243 was a disk failure")
+    assert names_agree("Root cause of INC-7: a full disk.", "INC-7 was caused by a full disk.")
+    assert same_value("billing-api listens on port 8080.", "Connections to billing-api go to TCP port 8080.", "billing-api port")
+    assert not same_value("billing-api listens on port 8080.", "billing-api listens on port 9090.", "billing-api port")
+    assert same_value("The payments team owns search-indexer.", "the payments team owns search-indexer", "search-indexer owner")
+    assert not same_value("The payments team owns search-indexer.", "The sre team owns search-indexer.", "search-indexer owner")
+
+
+async def test_a_new_value_in_lower_case_is_a_new_version_not_a_duplicate(memory: SemanticMemory) -> None:
+    await memory.write(fact("The payments team owns search-indexer.", "s1", 0, subject="search-indexer owner"))
+    newer = await memory.write(fact("The sre team owns search-indexer.", "s2", 10, subject="search-indexer owner"))
+    assert newer.action == "superseded"
+    [hit] = await memory.recall("acme", "who owns search-indexer", k=5)
+    assert (hit.text, hit.version) == ("The sre team owns search-indexer.", 2)

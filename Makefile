@@ -9,7 +9,7 @@ DEMO_GOAL ?= What is 12*7 and what is Apache Kafka?
 TEST_KAFKA := $(or $(KAFKA_BOOTSTRAP_SERVERS),127.0.0.1:9092)
 TEST_REDIS := $(or $(REDIS_URL),redis://127.0.0.1:6379/0)
 
-.PHONY: help deps demo test test-unit infra-up infra-down infra-status bench typecheck
+.PHONY: help deps demo test test-unit infra-up infra-down infra-status bench bench-memory typecheck
 
 help:
 	@echo "make demo        run a sample goal on the embedded defaults (no servers, no API key)"
@@ -18,6 +18,7 @@ help:
 	@echo "make typecheck   mypy --strict on schemas/, memory/ and services/runtime/"
 	@echo "make infra-up    start local Kafka (KRaft) and Redis; make infra-down stops them"
 	@echo "make bench       benchmark on the local Kafka and Redis with the offline model"
+	@echo "make bench-memory  semantic memory quality per offline embedder, on seeded goal streams"
 
 # Installs uv when missing, then the locked dependencies into .venv.
 $(BIN)/.synced: pyproject.toml uv.lock
@@ -54,6 +55,14 @@ bench: deps
 	bash compose/local/infra.sh up
 	status=0; \
 	KAFKA_BOOTSTRAP_SERVERS=$(TEST_KAFKA) REDIS_URL=$(TEST_REDIS) $(BIN)/python -m tests.bench.pipeline || status=$$?; \
+	bash compose/local/infra.sh down; \
+	exit $$status
+
+# Reports recall, conflicts, leaks, merges, lessons, context size and latency; misses do not fail it.
+bench-memory: deps
+	bash compose/local/infra.sh up
+	status=0; \
+	REDIS_URL=$(TEST_REDIS) $(BIN)/python -m tests.bench.memory || status=$$?; \
 	bash compose/local/infra.sh down; \
 	exit $$status
 

@@ -9,7 +9,8 @@ Writes are curated, by rules and thresholds, never by a model:
   version stays, marked superseded and linked to its successor. Which version is current depends
   only on `valid_from` (then the source, to break ties), not on the order writes arrive in. A
   same-subject write merges only if it gives the same value (`same_value`): a changed value
-  must never be merged away.
+  must never be merged away. A fact under a new subject that restates another subject's current
+  fact in the same words merges into it, and the new subject becomes an alias of that fact.
 - **Echoes are dropped.** A write that repeats a memory served to the same task (`served`) is
   not stored again: recalled memories never come back as new ones.
 - **Failures are lessons.** A lesson carries its cause and a label, so it is served as a mistake
@@ -149,11 +150,6 @@ def _tokens(text: str) -> list[str]:
     return [w.strip(".:,/-") for w in _WORD.findall(text) if w.strip(".:,/-")]
 
 
-def _identifiers(text: str) -> frozenset[str]:
-    """Numbers and identifiers: tokens with digits, hyphens or underscores."""
-    return frozenset(w.casefold() for w in _tokens(text) if any(c.isdigit() or c in "-_" for c in w))
-
-
 def _named(text: str) -> frozenset[str]:
     """What a statement names: numbers and identifiers (tokens with digits, hyphens or
     underscores) and capitalised words that do not start a sentence (`Root cause: ...` names
@@ -186,22 +182,27 @@ def names_agree(a: str, b: str) -> bool:
     return _named(a) <= words_b and _named(b) <= words_a
 
 
+def same_statement(a: str, b: str) -> bool:
+    """The same named things and the same content words (by stem), in any order."""
+    return names_agree(a, b) and _stems(a) == _stems(b)
+
+
 def same_value(a: str, b: str, subject: str) -> bool:
     """For two statements of one subject: do they give the same value?
 
-    Yes if, apart from the subject's own words, they name the same numbers and identifiers
-    (`port 8080`, `eu-west-1`, `#sre-pager`), however they are worded (`TCP` or `AWS` in one
-    wording only does not matter). If they name nothing
+    Yes if, apart from the subject's own words, they name the same numbers, identifiers and
+    names (`port 8080`, `eu-west-1`, `the Falcon bucket`), however they are worded; a name in
+    one wording only (`TCP port 8080`) makes a new version, which is safe. If they name nothing
     beyond the subject (`the payments team owns it` / `the sre team owns it`), only the same
     content words (by stem) count as the same value; a paraphrase in other words then becomes a
     new version, which is safe: it states the same. A value that differs only in a plain word
     while every named thing matches is merged: the known limit of deciding by rules.
     """
     own = {w.casefold() for w in _tokens(subject)}
-    values_a, values_b = _identifiers(a) - own, _identifiers(b) - own
+    values_a, values_b = _named(a) - own, _named(b) - own
     if values_a or values_b:
         return values_a == values_b
-    return names_agree(a, b) and _stems(a) == _stems(b)
+    return same_statement(a, b)
 
 
 def lesson_label(cause: str | None) -> str:
@@ -296,7 +297,20 @@ class SemanticMemory:
         subject = normalize_subject(record.subject or "")
         head_id = self.point_id(record.tenant, f"subject:{subject}")
         head = await self._get(head_id)
+        if head is not None and head.payload.get("alias_of"):
+            # This subject was first written as another subject's fact, word for word: one fact.
+            head_id = str(head.payload["alias_of"])
+            head = await self._get(head_id)
+            subject = str(head.payload.get("subject")) if head is not None else subject
         if head is None:
+            twin = next((p for p in near if self._restates(record, p)), None)
+            if twin is not None:
+                await self._merge(twin, record)
+                await self._add(
+                    head_id, record, vector, [], version=0, subject=subject, current=False,
+                    superseded_by=twin.id, alias_of=twin.id,
+                )
+                return WriteResult("merged", twin.id)
             await self._add(head_id, record, vector, near, version=1, subject=subject)
             return WriteResult("added", head_id)
         if record.source in head.payload.get("sources", []):
@@ -319,6 +333,18 @@ class SemanticMemory:
             subject=subject, supersedes=old_id,
         )
         return WriteResult("superseded", head_id)
+
+    def _restates(self, record: MemoryRecord, point: _Point) -> bool:
+        """A fact under a new subject that says what another subject's current fact says, in the
+        same content words: the new subject becomes an alias of that fact. Only this strict:
+        `port 8080 for billing-api` and `health check port 8080 for billing-api` are two facts."""
+        payload = point.payload
+        return (
+            payload.get("kind") == "fact"
+            and bool(payload.get("subject"))
+            and point.similarity >= self.curation.duplicate
+            and same_statement(str(payload.get("text", "")), record.text)
+        )
 
     def _is_duplicate(self, record: MemoryRecord, point: _Point, vector: list[float] | None = None) -> bool:
         payload = point.payload
@@ -379,6 +405,7 @@ class SemanticMemory:
         current: bool = True,
         superseded_by: str | None = None,
         supersedes: str | None = None,
+        alias_of: str | None = None,
     ) -> None:
         links = [p.id for p in near if p.id != point_id][:3]
         payload: dict[str, Any] = {
@@ -398,6 +425,7 @@ class SemanticMemory:
             "subject": subject,
             "superseded_by": superseded_by,
             "supersedes": supersedes,
+            "alias_of": alias_of,
             "links": links,
             "cause": record.cause,
             "label": lesson_label(record.cause) if record.kind == "lesson" else None,

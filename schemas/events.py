@@ -103,6 +103,8 @@ class TaskFailed(Envelope):
     kind: str
     reason: str
     detail: str = ""
+    instruction: str | None = Field(default=None, max_length=8_000)
+    """What the task was asked, so its failure lesson says so whatever order events are read in."""
 
 
 class ToolCallRequested(Envelope):

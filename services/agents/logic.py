@@ -299,5 +299,8 @@ def refusal_audit(deps: AgentDeps, cause: Any, call_id: str, call: ModelToolCall
 
 def fail(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, reason: str, detail: str) -> Outgoing:
     cp.status = "failed"
-    failed = TaskFailed(**cause.caused(task_id=cp.assignment.task_id), kind=deps.kind.name, reason=reason, detail=detail)
+    failed = TaskFailed(
+        **cause.caused(task_id=cp.assignment.task_id), kind=deps.kind.name, reason=reason, detail=detail,
+        instruction=cp.assignment.instruction,
+    )
     return Outgoing(deps.topics.goals, failed, cp.assignment.goal_id)

@@ -188,8 +188,10 @@ async def curate(deps: MemoryDeps, event: Envelope) -> None:
         )
     elif isinstance(event, TaskFailed | WorkDeadLettered) and event.task_id:
         # One lesson per task: a failure that is also dead-lettered has the same source.
-        brief = await deps.redis.get(deps.keys.task_brief(event.tenant, event.task_id))
-        asked = brief.decode() if isinstance(brief, bytes) else (brief or f"task {event.task_id}")
+        asked = event.instruction if isinstance(event, TaskFailed) else None
+        if not asked:  # a dead letter names no instruction: the one kept when the task was assigned
+            brief = await deps.redis.get(deps.keys.task_brief(event.tenant, event.task_id))
+            asked = brief.decode() if isinstance(brief, bytes) else (brief or f"task {event.task_id}")
         detail = f": {event.detail[:300]}" if event.detail else ""
         await deps.semantic.write(
             MemoryRecord(

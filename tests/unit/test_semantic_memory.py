@@ -45,6 +45,21 @@ async def test_a_paraphrase_of_a_known_fact_merges_into_it(memory: SemanticMemor
     assert hit.text == PORT_V1 and hit.quality > 0.7  # confirmed once more: quality went up
 
 
+async def test_a_fact_restated_under_another_subject_merges_and_the_subject_becomes_an_alias(
+    memory: SemanticMemory,
+) -> None:
+    first = await memory.write(fact(PORT_V1, "s1", 0))
+    again = await memory.write(fact("The billing service listens on port 8080", "s2", 1, subject="billing-service listen port"))
+    assert (again.action, again.memory_id) == ("merged", first.memory_id)
+    # A new value under the alias is a new version of the one fact, not a second fact.
+    newer = await memory.write(fact(PORT_V2, "s3", 10, subject="billing-service listen port"))
+    assert (newer.action, newer.memory_id) == ("superseded", first.memory_id)
+    assert [(h.text, h.version) for h in await memory.recall("acme", "billing port", k=5)] == [(PORT_V2, 2)]
+    # Another fact that names the same things in other words is not an alias.
+    other = await memory.write(fact("The billing service health check probes port 9090.", "s4", 11, subject="billing health check port"))
+    assert other.action == "added"
+
+
 async def test_a_duplicate_outcome_updates_instead_of_adding(memory: SemanticMemory) -> None:
     text = "Kafka keeps the orders topic for 7 days."
     a = await memory.write(MemoryRecord(tenant="acme", kind="outcome", text=text, source="task/1"))
@@ -127,7 +142,8 @@ def test_subjects_and_named_things_are_normalised() -> None:
     assert not names_agree("listens on port 8080", "listens on port 9090")
     assert not names_agree("INC-1234 was a disk failure", "INC-1243 was a disk failure")
     assert names_agree("Root cause of INC-7: a full disk.", "INC-7 was caused by a full disk.")
-    assert same_value("billing-api listens on port 8080.", "Connections to billing-api go to TCP port 8080.", "billing-api port")
+    assert same_value("billing-api listens on port 8080.", "Connections to billing-api go to port 8080.", "billing-api port")
+    assert not same_value("Backups go to the Falcon bucket in eu-west-1.", "Backups go to the Osprey bucket in eu-west-1.", "backups")
     assert not same_value("billing-api listens on port 8080.", "billing-api listens on port 9090.", "billing-api port")
     assert same_value("The payments team owns search-indexer.", "the payments team owns search-indexer", "search-indexer owner")
     assert not same_value("The payments team owns search-indexer.", "The sre team owns search-indexer.", "search-indexer owner")

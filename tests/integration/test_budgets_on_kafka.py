@@ -124,3 +124,26 @@ async def test_two_replicas_on_one_goal_together_stay_within_one_call_of_the_tok
     assert len(budget_records) == 1  # the first task over the limit; the others stopped quietly
 
 
+
+
+async def test_a_long_task_sends_every_model_call_within_its_context_budget_while_its_history_outgrows_it(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context_budget = 600
+    monkeypatch.setenv("AGENT_CONTEXT_TOKENS", str(context_budget))
+    t = Topics(settings.platform.namespace, ("researcher", "writer"))
+    goal = GoalSubmitted(tenant="acme", goal_id="g-context", text="count on", budget=BudgetLimits(max_steps=30))
+    services = [ServiceSpec("orchestrator"), ServiceSpec("agent", {"kind": "researcher"}), ServiceSpec("tools")]
+    watched = [t.progress, t.llm_calls, *t.dlq_topics()]
+    async with serving(services, settings, looping(["r1"])), TopicWatch(settings.kafka, watched) as watch, RawProducer(settings.kafka) as send:
+        await send.event(t.goals, goal)
+        failed = await watch.event(GoalFailed, goal_id=goal.goal_id, timeout=120)
+        records = await every_call_recorded(watch, redis, settings, goal.goal_id)
+
+    steps = sorted((r for r in records if r.purpose == "step"), key=lambda r: r.ts)
+    assert failed.reason == "budget_exceeded" and len(steps) >= 25  # it counted on, not a runaway
+    assert all(r.context_tokens is not None and r.context_tokens <= context_budget for r in steps)
+    assert all(r.full_history_tokens is not None and r.full_history_tokens >= (r.context_tokens or 0) for r in steps)
+    assert (steps[-1].full_history_tokens or 0) > 2 * context_budget  # what a naive context would have sent
+    # What was sent is what the record counts: the messages themselves stay within the budget.
+    assert max(r.input_tokens for r in steps) <= context_budget + 100  # plus the tool schemas the model is offered

@@ -16,6 +16,9 @@ def parallel_plan(task_ids: list[str], kind: str = "researcher", instruction: st
     return json.dumps({"tasks": tasks})
 
 
+_RESULT = re.compile(r"<tool_output>\n.*= (-?\d+)\n</tool_output>")
+
+
 def looping(task_ids: list[str]) -> Any:
     """Plans `task_ids` as independent researcher tasks, then each task calls the calculator
     forever, with a new expression every time: nothing a loop detector could call a repeat."""
@@ -26,8 +29,11 @@ def looping(task_ids: list[str]) -> Any:
             return Turn(content=parallel_plan(task_ids))
         if role == "editor":
             return default_turn(messages, tools)
-        step = sum(1 for m in messages if m.get("role") == "assistant")
-        return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{step} * 7 + {len(task_ids)}"})])
+        # Counts on from the latest result, which every context shows verbatim (older steps may
+        # be summarised): each expression, and each result, is new.
+        results = [int(n) for m in messages if m.get("role") == "tool" for n in _RESULT.findall(str(m.get("content")))]
+        last = results[-1] if results else 0
+        return Turn(tool_calls=[ToolCall("calculator", {"expression": f"{last} + {len(task_ids)}"})])
 
     return script
 

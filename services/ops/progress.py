@@ -83,9 +83,14 @@ class ProgressView:
             case LLMCallRecorded():
                 self.llm_calls += 1
                 self.tokens += event.input_tokens + event.output_tokens
+                context = (
+                    f" (context {event.context_tokens} of a full history of {event.full_history_tokens})"
+                    if event.context_tokens is not None and event.full_history_tokens is not None
+                    else ""
+                )
                 return (
                     f"  [dim]llm {escape(event.agent)} {event.purpose} {escape(event.model)}: "
-                    f"{event.input_tokens}+{event.output_tokens} tokens, ${event.cost_usd:.4f}, "
+                    f"{event.input_tokens}+{event.output_tokens} tokens{context}, ${event.cost_usd:.4f}, "
                     f"{event.latency_ms:.0f} ms[/]"
                 )
             case ToolCallRequested():

@@ -107,9 +107,9 @@ class LLMSettings(BaseSettings):
     offline_script: str | None = None
     """`module:function` that decides each offline turn (the scripted form of the offline model)."""
     embedding_model: str | None = None
-    """A LiteLLM embedding model; unset means the offline hashing embedder."""
+    """A LiteLLM embedding model; unset means the offline embedder (WordLlama, else hashing)."""
     embedding_dim: int = 1536
-    """Vector size of `embedding_model` (the hashing embedder uses 384)."""
+    """Vector size of `embedding_model` (the offline embedders set their own)."""
 
     @field_validator("offline_latency_ms")
     @classmethod

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from services.runtime.host import ServiceSpec, Settings, kafka_app
 from services.runtime.offline_model import Script
 from services.runtime.settings import KafkaSettings, LLMSettings, PlatformSettings, QdrantSettings, RedisSettings
-from tests.support.kafka import unique
+from tests.support.kafka import drop_namespace_topics, unique
 
 
 def _require() -> tuple[str, str]:
@@ -27,16 +27,20 @@ def _require() -> tuple[str, str]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings for one test: its own topic namespace (so its own topics and consumer groups)."""
+async def settings(tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings for one test: its own topic namespace (so its own topics and consumer groups),
+    whose topics are deleted afterwards: each test makes about a hundred partitions, and a broker
+    that keeps them all runs out of file handles over a long run."""
     kafka, redis = _require()
-    return Settings(
+    made = Settings(
         platform=PlatformSettings(namespace=unique("it"), data_dir=tmp_path, partitions=3),
         kafka=KafkaSettings(bootstrap_servers=kafka, session_timeout_ms=6_000, heartbeat_interval_ms=1_000),
         redis=RedisSettings(url=redis),
         qdrant=QdrantSettings(path=":memory:"),
         llm=LLMSettings(),
     )
+    yield made
+    await drop_namespace_topics(made.kafka, made.platform.namespace)
 
 
 @pytest.fixture

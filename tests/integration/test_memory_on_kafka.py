@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.envelope import utcnow
 from schemas.events import (
@@ -30,7 +29,7 @@ from schemas.events import (
 )
 from schemas.topics import Topics
 from services.runtime.host import ServiceSpec, Settings
-from services.runtime.settings import KafkaSettings, QdrantSettings
+from services.runtime.settings import QdrantSettings
 from tests.integration.conftest import serving
 from tests.support.kafka import RawProducer, TopicWatch, eventually, uncommitted, unique
 
@@ -100,18 +99,6 @@ async def agent(settings: Settings, tmp_path: Path) -> AsyncIterator[PlayedAgent
         RawProducer(local.kafka) as send,
     ):
         yield PlayedAgent(local, topics, send, inbox)
-    await drop_topics(local.kafka, topics.all_topics())
-
-
-async def drop_topics(kafka: KafkaSettings, names: list[str]) -> None:
-    """Each test makes about 110 partitions; a local broker left with all of them runs out of
-    file handles (ulimit -n) after a few hundred tests."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())
-    await admin.start()
-    try:
-        await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 def texts(hits: list[MemoryHit]) -> list[str]:

@@ -191,6 +191,18 @@ async def eventually(condition: Callable[[], Any], timeout: float = 60.0, interv
     return value
 
 
+async def drop_namespace_topics(kafka: KafkaSettings, namespace: str) -> None:
+    """Delete every topic of a test's namespace (`<namespace>.*`)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(f"{namespace}.")]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
 async def group_members(kafka: KafkaSettings, group: str) -> int:
     """Members of a consumer group once its assignment is settled (0 while it rebalances)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.require())

@@ -29,6 +29,7 @@ from services.runtime.inprocess_bus import InProcessBus
 from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker
 from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
 from services.runtime.llm import LLMGateway
+from services.runtime.metrics import Metrics
 from services.runtime.offline_model import Script
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
 from services.runtime.settings import (
@@ -76,6 +77,8 @@ class Runtime:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     signer: Signer = field(default_factory=lambda: Signer(DEVELOPMENT_KEY))
     """Signs what the services produce and verifies the requests they require signed."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """The process's Prometheus metrics; `switchboard serve` serves them (services/runtime/metrics.py)."""
     _llm: LLMGateway | None = None
     _budget: BudgetLedger | None = None
 
@@ -92,6 +95,7 @@ class Runtime:
             self._llm = LLMGateway(
                 self.settings.llm, models, self.settings.platform.instance, script=self.script,
                 budget=self.budget, output_estimate_tokens=self.settings.budget.output_estimate_tokens,
+                metrics=self.metrics,
             )
         return self._llm
 
@@ -103,11 +107,13 @@ class Runtime:
         return f"{self.settings.platform.namespace}.{name}"
 
     def pipeline(self, subscription: Subscription, producer: Producer) -> MessagePipeline:
-        """The pipeline a consumer feeds: the group also reads its topics' retry topics."""
+        """The pipeline a consumer feeds: the group also reads its topics' retry topics. Its metrics
+        are labelled with the group's name without the namespace (`orchestrator`, `agent.writer`)."""
         with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
         return MessagePipeline(
             with_retries, producer, self.retry, notify_topic=self.topics.goals,
             signer=self.signer, audit_topic=self.topics.audit,
+            metrics=self.metrics, service=subscription.group.removeprefix(f"{self.settings.platform.namespace}."),
         )
 
 
@@ -144,7 +150,9 @@ class ServiceSpec:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, script: Script | None = None) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings, script: Script | None = None, metrics: Metrics | None = None
+) -> AsyncIterator[Runtime]:
     catalogue = AgentCatalogue.load(settings.platform.agents_dir)
     if settings.redis.url:
         pool = BlockingConnectionPool.from_url(
@@ -163,6 +171,7 @@ async def open_runtime(settings: Settings, script: Script | None = None) -> Asyn
         script=script,
         retry=RetryPolicy(platform.retry_attempts, platform.retry_backoff_s, platform.retry_backoff_max_s),
         signer=Signer.from_setting(platform.signing_key),
+        metrics=metrics or Metrics(),
     )
     try:
         yield runtime
@@ -208,8 +217,11 @@ async def _cancel(jobs: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*jobs, return_exceptions=True)
 
 
-def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | None = None) -> FastStream:
-    """One FastStream app running the given services on Kafka, each in its own consumer group."""
+def kafka_app(
+    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, metrics: Metrics | None = None
+) -> FastStream:
+    """One FastStream app running the given services on Kafka, each in its own consumer group.
+    They record into `metrics` (the process's, which `switchboard serve` serves); none: their own."""
     if not settings.redis.url:
         raise ConfigurationError(
             "REDIS_URL is not set. Services on Kafka keep their state in Redis: start it with "
@@ -230,7 +242,7 @@ def kafka_app(specs: list[ServiceSpec], settings: Settings, script: Script | Non
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            runtime = await stack.enter_async_context(open_runtime(settings, script))
+            runtime = await stack.enter_async_context(open_runtime(settings, script, metrics))
             await ensure_topics(settings.kafka, runtime.topics.all_topics(), settings.platform.partitions)
             apps = await stack.enter_async_context(open_services(runtime, specs))
             consumers[:] = [

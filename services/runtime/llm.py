@@ -20,6 +20,7 @@ from schemas.events import LLMCallRecorded
 from services.runtime.budget import BudgetLedger
 from services.runtime.errors import ConfigurationError, Retryable
 from services.runtime.latency import Latency
+from services.runtime.metrics import Metrics
 from services.runtime.offline_model import (
     PROVIDER,
     OfflineModel,
@@ -74,8 +75,11 @@ class LLMGateway:
         script: Script | None = None,
         budget: BudgetLedger | None = None,
         output_estimate_tokens: int = 512,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        """Counts every call that returned, with its tokens and cost, by model and agent."""
         self.instance = instance
         self.budget = budget
         """When set, every call is admitted against its goal's budget first (the platform's check,
@@ -186,6 +190,7 @@ class LLMGateway:
             context_tokens=context_tokens,
             full_history_tokens=full_history_tokens,
         )
+        self.metrics.llm_call(record)
         return Completion(choice.content, tool_calls, assistant, record)
 
     def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:

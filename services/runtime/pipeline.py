@@ -42,6 +42,7 @@ from services.runtime.errors import (
     ToolDenied,
     TransportFailure,
 )
+from services.runtime.metrics import NOT_AN_EVENT, Metrics, StepOutcome
 from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
 from services.runtime.tracecontext import child_traceparent, trace_id
 
@@ -123,6 +124,8 @@ class MessagePipeline:
         notify_topic: str | None = None,
         signer: Signer | None = None,
         audit_topic: str | None = None,
+        metrics: Metrics | None = None,
+        service: str | None = None,
     ) -> None:
         self.subscription = subscription
         self.producer = producer
@@ -133,6 +136,9 @@ class MessagePipeline:
         self.signer = signer or Signer(DEVELOPMENT_KEY)
         self.audit_topic = audit_topic
         """Where a refused unsigned or tampered request is audited (none: not audited)."""
+        self.metrics = metrics or Metrics()
+        self.service = service or subscription.group
+        """The `service` label of this pipeline's metrics."""
         self._rng = random.Random()
 
     async def process(self, delivery: Delivery) -> None:
@@ -147,24 +153,34 @@ class MessagePipeline:
             return  # a retry of another consumer group that reads the same topic
         if on_retry_topic:
             await self._wait_until_due(delivery)
+        started = time.perf_counter()
         event, rejection = self._decode(delivery)
+        outcome: StepOutcome = "failed"
+        try:
+            outcome = await self._finish(delivery, event, rejection)
+        finally:
+            event_type = event.event_type if event is not None else NOT_AN_EVENT
+            self.metrics.step(self.service, event_type, outcome, time.perf_counter() - started)
+
+    async def _finish(self, delivery: Delivery, event: Envelope | None, rejection: Rejection | None) -> StepOutcome:
         if rejection is not None and self.subscription.observer:
             log.warning(
                 "observer %s skipped %s[%d]@%d (%s); the topic's own consumer dead-letters it",
                 self.subscription.group, delivery.topic, delivery.partition, delivery.offset, rejection.reason,
             )
-            return
+            return "skipped"
         if rejection is None and event is not None:
             outcome = await self._handle(event, delivery)
             if isinstance(outcome, list):
                 await self._produce(outcome, delivery)
-                return
+                return "ok"
             if isinstance(outcome, RetryLater):
                 await self.retry_later(delivery, outcome.error)
-                return
+                return "retried"
             rejection = outcome
         assert rejection is not None
         await self.dead_letter(delivery, rejection, event)
+        return "dead_lettered"
 
     async def _wait_until_due(self, delivery: Delivery) -> None:
         """A retried message waits out its backoff here. It holds one in-flight slot and the
@@ -257,6 +273,7 @@ class MessagePipeline:
         target = Topics.retry(delivery.topic, attempt)
         log.info("attempt %d failed (%r); retrying in %.1fs via %s", attempt, error, delay, target)
         await self._send(target, delivery.key, delivery.value, headers)
+        self.metrics.retry(self.service, Topics.origin(delivery.topic), attempt)
 
     async def _produce(self, outputs: list[Outgoing], delivery: Delivery) -> None:
         parent = delivery.headers.get(TRACEPARENT)
@@ -314,6 +331,7 @@ class MessagePipeline:
             delivery.topic, delivery.partition, delivery.offset, rejection.reason, error,
         )
         await self._send(Topics.dlq(delivery.topic), delivery.key, delivery.value, headers)
+        self.metrics.dead_letter(self.service, Topics.origin(delivery.topic), rejection.reason)
         if event is not None and self.notify_topic and event.event_type not in _NO_NOTICE:
             notice = WorkDeadLettered(
                 **event.caused(),

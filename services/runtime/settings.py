@@ -46,6 +46,11 @@ class PlatformSettings(BaseSettings):
     signing_key: SecretStr | None = None
     """HMAC key every service signs what it produces with, and tool executors verify requests with
     (services/runtime/signing.py). Unset: a development key anyone can read (`serve` warns)."""
+    metrics_port: int = Field(default=9464, ge=0, le=65_535)
+    """Port of the Prometheus endpoint (`GET /metrics`) of `switchboard serve`: one per process, for
+    every role it runs. 0 turns it off. `switchboard run` serves none."""
+    metrics_host: str = "0.0.0.0"
+    """Address that endpoint listens on."""
 
 
 class KafkaSettings(BaseSettings):

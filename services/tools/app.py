@@ -41,7 +41,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         ),
         "save_note": registry.save_note(sandbox),
     }
-    limiters = {name: ToolLimiter(name, settings.limits_for(name)) for name in tools}
+    limiters = {name: ToolLimiter(name, settings.limits_for(name), metrics=runtime.metrics) for name in tools}
     # A side effect's claim must outlive its slowest attempt, or a duplicate could run it too.
     longest = max(limiter.limits.timeout_s for limiter in limiters.values())
     redact = Redactor(settings.secrets())

@@ -43,7 +43,12 @@ class Admission:
 
 class CircuitBreaker:
     def __init__(
-        self, name: str, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        failures: int,
+        reset_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitState], None] | None = None,
     ) -> None:
         if failures < 1 or reset_s <= 0:
             raise ValueError("a circuit breaker needs failures >= 1 and reset_s > 0")
@@ -51,6 +56,8 @@ class CircuitBreaker:
         self.threshold = failures
         self.reset_s = reset_s
         self.clock = clock
+        self.on_change = on_change
+        """Told every new state (the metrics' circuit gauge)."""
         self.state: CircuitState = "closed"
         self.failures = 0
         """Consecutive failures while closed."""
@@ -108,3 +115,5 @@ class CircuitBreaker:
         self.state = state
         self.failures = 0
         self._generation += 1
+        if self.on_change is not None:
+            self.on_change(state)

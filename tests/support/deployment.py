@@ -99,6 +99,9 @@ def make_deployment(
         "QDRANT_PATH": str(root / "qdrant"),
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+        # Every process here would take the default metrics port 9464 and all but one would exit;
+        # a test that scrapes one passes SWITCHBOARD_METRICS_PORT to `start` for that process.
+        "SWITCHBOARD_METRICS_PORT": "0",
         **extra,
     }
     return Deployment(root, env)

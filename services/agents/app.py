@@ -11,7 +11,6 @@ from services.agents import logic
 from services.agents.runaway import RunawayLimits
 from services.agents.settings import AgentSettings
 from services.runtime.bus import Subscription, on
-from services.runtime.catalogue import PACKAGED_PROMPTS
 from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import StepLedger
 from services.runtime.prompts import PromptLibrary
@@ -20,13 +19,13 @@ from services.runtime.prompts import PromptLibrary
 async def open_service(runtime: Runtime, kind: str | None = None, model: str | None = None, **_: Any) -> ServiceApp:
     settings = AgentSettings()
     agent_kind = runtime.catalogue.get(kind or settings.kind)
+    # A custom catalogue (SWITCHBOARD_AGENTS_DIR) may ship its prompt files beside its kinds.
+    prompts = PromptLibrary.configured(runtime.settings.platform.agents_dir)
+    prompts.rollout(agent_kind.prompt)  # fail at start-up, not at the first task, without its file
     deps = logic.AgentDeps(
         kind=agent_kind,
         model=model or settings.model or agent_kind.model,
-        # A custom catalogue (SWITCHBOARD_AGENTS_DIR) may ship its prompt files beside its kinds.
-        prompt=PromptLibrary(PACKAGED_PROMPTS, *filter(None, [runtime.settings.platform.agents_dir])).latest(
-            agent_kind.prompt
-        ),
+        prompts=prompts,
         llm=runtime.llm,
         ledger=StepLedger(VersionedStore(runtime.redis, logic.TaskCheckpoint, settings.checkpoint_ttl_s)),
         keys=runtime.keys,

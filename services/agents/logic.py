@@ -46,7 +46,7 @@ from services.runtime.catalogue import AgentKind
 from services.runtime.errors import GoalStopped, Permanent
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway, ModelToolCall
-from services.runtime.prompts import Prompt
+from services.runtime.prompts import PromptLibrary
 
 log = logging.getLogger("switchboard.agent")
 
@@ -87,7 +87,8 @@ class TaskCheckpoint(Ledgered):
 class AgentDeps:
     kind: AgentKind
     model: str
-    prompt: Prompt
+    prompts: PromptLibrary
+    """The kind's prompt (`kind.prompt`) is chosen from it per goal, at every step (the rollout)."""
     llm: LLMGateway
     ledger: StepLedger[TaskCheckpoint]
     keys: RedisKeys
@@ -221,12 +222,15 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
     task = cp.assignment
     task_id = task.task_id or ""
     tools = [TOOL_SPECS[name].openai_schema for name in deps.kind.tools]
+    # The same goal gets the same version on every step and replica; a rollback takes effect
+    # at the task's next step after the agents restart with the new configuration.
+    prompt = deps.prompts.for_goal(deps.kind.prompt, task.goal_id)
     while True:
         if cp.step >= deps.max_steps:
             return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]
         step_id = f"{task_id}:{cp.step}"
         context = assemble(
-            system=deps.prompt.text, task=task, memories=cp.memories, scratchpad=cp.scratchpad,
+            system=prompt.text, task=task, memories=cp.memories, scratchpad=cp.scratchpad,
             budget_tokens=deps.context_tokens, tool_output_chars=deps.tool_output_chars,
         )
         new = [f for f in context.findings if f not in cp.reported]
@@ -235,7 +239,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
         log.info("step %s: calling %s with %d context tokens (budget %d, the full history would be %d)",
                  step_id, deps.model, context.tokens, deps.context_tokens, context.full_history_tokens)
         completion = await deps.llm.complete(
-            model=deps.model, prompt=deps.prompt, messages=context.messages,
+            model=deps.model, prompt=prompt, messages=context.messages,
             purpose="step", agent=deps.kind.name, cause=cause, tools=tools or None, step_id=step_id,
             findings=cp.findings + new, context_tokens=context.tokens,
             full_history_tokens=context.full_history_tokens,

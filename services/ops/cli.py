@@ -17,6 +17,10 @@ from schemas.topics import Topics
 from services.ops.approvals_cli import approvals_app, approve, deny, list_approvals
 from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
+from services.ops.lag_cli import lag
+from services.ops.prompts_cli import prompts
+from services.ops.top_cli import top
+from services.ops.trace_cli import trace
 from services.ops.terminal import (
     TenantOption,
     command,
@@ -29,6 +33,7 @@ from services.runtime.bus import Delivery
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
 from services.runtime.host import ServiceSpec, Settings, kafka_app, run_embedded
+from services.runtime.metrics import Metrics, serve_metrics
 from services.runtime.tracecontext import new_traceparent
 
 app = typer.Typer(
@@ -40,6 +45,10 @@ goal_app = typer.Typer(help="Submit goals to a running deployment and follow the
 app.add_typer(goal_app, name="goal")
 app.add_typer(dlq_app, name="dlq")
 command(app, "audit")(audit)
+command(app, "lag")(lag)
+command(app, "prompts")(prompts)
+command(app, "trace")(trace)
+command(app, "top")(top)
 app.add_typer(approvals_app, name="approvals")
 command(approvals_app, "list")(list_approvals)
 command(app, "approve")(approve)
@@ -192,6 +201,8 @@ def serve(
     Needs KAFKA_BOOTSTRAP_SERVERS and REDIS_URL (start local ones with `make infra-up`).
     Start as many replicas of a role as you like: they share its consumer group.
     `all` runs every role in this process (every agent kind).
+    Serves Prometheus metrics of every role it runs on SWITCHBOARD_METRICS_PORT (default 9464;
+    0 turns it off): each process on one machine needs its own port.
     """
     settings = Settings()
     setup_logging(settings, quiet=False)
@@ -207,12 +218,19 @@ def serve(
         specs = [ServiceSpec("agent", {"kind": kind, "model": model})]
     else:
         specs = [ServiceSpec(role.value)]
+    metrics = Metrics()
     try:
-        faststream_app = kafka_app(specs, settings)
+        faststream_app = kafka_app(specs, settings, metrics=metrics)
+        endpoint = serve_metrics(metrics, settings.platform.metrics_host, settings.platform.metrics_port)
     except ConfigurationError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from exc
-    raise typer.Exit(run_async(faststream_app.run()) or 0)
+    try:
+        code = run_async(faststream_app.run()) or 0
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    raise typer.Exit(code)
 
 
 @command(goal_app, "submit", BUDGET_HELP)

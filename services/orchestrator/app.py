@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from memory.state import VersionedStore
@@ -21,20 +20,19 @@ from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import StepLedger
 from services.runtime.prompts import PromptLibrary
 
-PROMPTS = Path(__file__).parent / "prompts"
-
 
 async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
     settings = OrchestratorSettings()
-    prompts = PromptLibrary(PROMPTS)
+    prompts = PromptLibrary.configured(runtime.settings.platform.agents_dir)
+    for name in (logic.PLANNER, logic.EDITOR):
+        prompts.rollout(name)  # fail at start-up, not at the first goal, without their files
     deps = logic.OrchestratorDeps(
         llm=runtime.llm,
         ledger=StepLedger(VersionedStore(runtime.redis, logic.GoalState, settings.state_ttl_s)),
         keys=runtime.keys,
         topics=runtime.topics,
         catalogue=runtime.catalogue,
-        planner=prompts.latest("planner"),
-        editor=prompts.latest("editor"),
+        prompts=prompts,
         model=settings.model or runtime.settings.llm.default_model,
         max_plan_attempts=settings.max_plan_attempts,
         budget=runtime.budget,

@@ -32,9 +32,13 @@ from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway
-from services.runtime.prompts import Prompt
+from services.runtime.prompts import Prompt, PromptLibrary
 
 log = logging.getLogger("switchboard.orchestrator")
+
+PLANNER = "planner"
+EDITOR = "editor"
+"""The prompts the orchestrator calls the model with; each goal gets its version by the rollout."""
 
 
 class TaskRecord(BaseModel):
@@ -58,8 +62,7 @@ class OrchestratorDeps:
     keys: RedisKeys
     topics: Topics
     catalogue: AgentCatalogue
-    planner: Prompt
-    editor: Prompt
+    prompts: PromptLibrary
     model: str
     max_plan_attempts: int
     budget: BudgetLedger
@@ -84,10 +87,10 @@ def sink_tasks(plan: Plan) -> list[PlannedTask]:
     return [t for t in plan.tasks if t.id not in needed]
 
 
-def planner_messages(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[dict[str, Any]]:
+def planner_messages(deps: OrchestratorDeps, planner: Prompt, goal: GoalSubmitted) -> list[dict[str, Any]]:
     kinds = "\n".join(f"- {k.name}: {k.description}" for k in deps.catalogue.kinds.values())
     return [
-        {"role": "system", "content": f"{deps.planner.text.rstrip()}\n{kinds}\n"},
+        {"role": "system", "content": f"{planner.text.rstrip()}\n{kinds}\n"},
         {"role": "user", "content": goal.text},
     ]
 
@@ -130,11 +133,12 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
             return GoalState(goal=goal, status="failed"), [failed_goal(deps, goal, "budget_policy", str(exc))]
         await deps.budget.open(goal.tenant, goal.goal_id, limits, goal.ts)
         outputs: list[Outgoing] = []
-        messages = planner_messages(deps, goal)
+        planner = deps.prompts.for_goal(PLANNER, goal.goal_id)
+        messages = planner_messages(deps, planner, goal)
         error = ""
         for _ in range(deps.max_plan_attempts):
             completion = await deps.llm.complete(
-                model=deps.model, prompt=deps.planner, messages=messages, purpose="plan",
+                model=deps.model, prompt=planner, messages=messages, purpose="plan",
                 agent="orchestrator", cause=goal, json_mode=True,
             )
             outputs.append(Outgoing(deps.topics.llm_calls, completion.record, goal.goal_id))
@@ -159,7 +163,7 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
                     deps.topics.progress,
                     GoalPlanned(
                         **goal.caused(), plan=plan, model=deps.model, budget=limits,
-                        prompt_version=f"{deps.planner.name}.{deps.planner.version}",
+                        prompt_version=planner.label,
                     ),
                     goal.goal_id,
                 )
@@ -204,13 +208,14 @@ async def finish(deps: OrchestratorDeps, state: GoalState, cause: TaskCompleted)
         results = state.tasks[sinks[0].id].result or ""
     else:
         results = "\n".join(f"- {t.id}: {state.tasks[t.id].result}" for t in sinks)
+    editor = deps.prompts.for_goal(EDITOR, state.goal.goal_id)
     messages = [
-        {"role": "system", "content": deps.editor.text},
+        {"role": "system", "content": editor.text},
         {"role": "user", "content": f"Goal: {state.goal.text}\n<results>\n{results}\n</results>"},
     ]
     origin = cause.model_copy(update={"task_id": None})
     completion = await deps.llm.complete(
-        model=deps.model, prompt=deps.editor, messages=messages, purpose="answer",
+        model=deps.model, prompt=editor, messages=messages, purpose="answer",
         agent="orchestrator", cause=origin,
     )
     state.status = "completed"

@@ -47,7 +47,7 @@ def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | No
     return logic.AgentDeps(
         kind=kind,
         model="offline/default",
-        prompt=PromptLibrary(PACKAGED_PROMPTS).latest(kind.prompt),
+        prompts=PromptLibrary(PACKAGED_PROMPTS),
         llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script, budget=options["budget"]),
         ledger=StepLedger(VersionedStore(redis, logic.TaskCheckpoint, 3600)),
         keys=keys,

@@ -23,25 +23,23 @@ from schemas.events import (
 )
 from schemas.topics import Topics
 from services.orchestrator import logic
-from services.orchestrator.app import PROMPTS
 from services.runtime.budget import BudgetLedger
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import GoalStopped
 from services.runtime.idempotency import StepLedger
 from services.runtime.llm import LLMGateway
 from services.runtime.offline_model import Script, Turn
-from services.runtime.prompts import PromptLibrary
+from services.runtime.prompts import ORCHESTRATOR_PROMPTS, PromptLibrary
 from services.runtime.settings import BudgetSettings, LLMSettings
 
 
 def make_deps(redis: Redis, keys: RedisKeys, topics: Topics, script: Script | None = None) -> logic.OrchestratorDeps:
-    prompts = PromptLibrary(PROMPTS)
     budget = BudgetLedger(redis, keys, BudgetSettings())
     return logic.OrchestratorDeps(
         llm=LLMGateway(LLMSettings(), {"offline/default"}, "test:1", script=script, budget=budget),
         ledger=StepLedger(VersionedStore(redis, logic.GoalState, 3600)),
         keys=keys, topics=topics, catalogue=AgentCatalogue.load(),
-        planner=prompts.latest("planner"), editor=prompts.latest("editor"),
+        prompts=PromptLibrary(ORCHESTRATOR_PROMPTS),
         model="offline/default", max_plan_attempts=2, budget=budget,
     )
 

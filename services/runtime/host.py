@@ -17,6 +17,7 @@ from typing import Any
 
 import fakeredis
 from faststream import FastStream
+from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from memory.keys import RedisKeys
@@ -41,6 +42,7 @@ from services.runtime.settings import (
     RedisSettings,
 )
 from services.runtime.signing import DEVELOPMENT_KEY, Signer
+from services.runtime.tracing import Tracing, TracingSettings, tracer_provider
 
 log = logging.getLogger("switchboard.host")
 
@@ -62,6 +64,7 @@ class Settings:
     qdrant: QdrantSettings = field(default_factory=QdrantSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Runtime:
     """Signs what the services produce and verifies the requests they require signed."""
     metrics: Metrics = field(default_factory=Metrics)
     """The process's Prometheus metrics; `switchboard serve` serves them (services/runtime/metrics.py)."""
+    tracing: Tracing = field(default_factory=Tracing.local)
+    """The process's tracer (services/runtime/tracing.py)."""
     _llm: LLMGateway | None = None
     _budget: BudgetLedger | None = None
 
@@ -95,7 +100,7 @@ class Runtime:
             self._llm = LLMGateway(
                 self.settings.llm, models, self.settings.platform.instance, script=self.script,
                 budget=self.budget, output_estimate_tokens=self.settings.budget.output_estimate_tokens,
-                metrics=self.metrics,
+                metrics=self.metrics, tracing=self.tracing,
             )
         return self._llm
 
@@ -106,14 +111,17 @@ class Runtime:
     def group(self, name: str) -> str:
         return f"{self.settings.platform.namespace}.{name}"
 
-    def pipeline(self, subscription: Subscription, producer: Producer) -> MessagePipeline:
+    def pipeline(self, subscription: Subscription, producer: Producer, messaging_system: str = "kafka") -> MessagePipeline:
         """The pipeline a consumer feeds: the group also reads its topics' retry topics. Its metrics
-        are labelled with the group's name without the namespace (`orchestrator`, `agent.writer`)."""
+        are labelled with the group's name without the namespace (`orchestrator`, `agent.writer`);
+        an agent kind's group (`agent.<kind>`) traces each step as `invoke_agent <kind>`."""
         with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
+        service = subscription.group.removeprefix(f"{self.settings.platform.namespace}.")
         return MessagePipeline(
             with_retries, producer, self.retry, notify_topic=self.topics.goals,
-            signer=self.signer, audit_topic=self.topics.audit,
-            metrics=self.metrics, service=subscription.group.removeprefix(f"{self.settings.platform.namespace}."),
+            signer=self.signer, audit_topic=self.topics.audit, metrics=self.metrics, service=service,
+            tracing=self.tracing, agent=service.removeprefix("agent.") if service.startswith("agent.") else None,
+            messaging_system=messaging_system,
         )
 
 
@@ -149,10 +157,18 @@ class ServiceSpec:
         return factory
 
 
+def service_name(specs: list[ServiceSpec]) -> str:
+    """The process's name in Kafka (client id) and in traces (service.name): `switchboard-tools`."""
+    return "switchboard-" + "-".join(dict.fromkeys(s.name for s in specs))
+
+
 @asynccontextmanager
 async def open_runtime(
-    settings: Settings, script: Script | None = None, metrics: Metrics | None = None
+    settings: Settings, script: Script | None = None, metrics: Metrics | None = None,
+    tracing: TracerProvider | None = None, service: str = "switchboard",
 ) -> AsyncIterator[Runtime]:
+    """`tracing`: the provider spans go to (tests pass one with an in-memory exporter). None: one
+    built from `settings.tracing`, owned here and shut down (its export flushed) on the way out."""
     catalogue = AgentCatalogue.load(settings.platform.agents_dir)
     if settings.redis.url:
         pool = BlockingConnectionPool.from_url(
@@ -162,6 +178,7 @@ async def open_runtime(
     else:
         redis = fakeredis.FakeAsyncRedis()
     platform = settings.platform
+    provider = tracing or tracer_provider(settings.tracing, service, platform.instance)
     runtime = Runtime(
         settings=settings,
         topics=Topics(platform.namespace, catalogue.names, retry_levels=platform.retry_attempts - 1),
@@ -172,11 +189,14 @@ async def open_runtime(
         retry=RetryPolicy(platform.retry_attempts, platform.retry_backoff_s, platform.retry_backoff_max_s),
         signer=Signer.from_setting(platform.signing_key),
         metrics=metrics or Metrics(),
+        tracing=Tracing.of(provider, content=settings.tracing.trace_content),
     )
     try:
         yield runtime
     finally:
         await redis.aclose()
+        if tracing is None:
+            provider.shutdown()
 
 
 @asynccontextmanager
@@ -192,17 +212,20 @@ async def open_services(runtime: Runtime, specs: list[ServiceSpec]) -> AsyncIter
 
 @asynccontextmanager
 async def run_embedded(
-    specs: list[ServiceSpec], settings: Settings, script: Script | None = None
+    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, tracing: TracerProvider | None = None
 ) -> AsyncIterator[tuple[InProcessBus, Runtime]]:
     """Every service in this process, on the in-process bus and in-process stores."""
     if settings.redis.url or settings.kafka.bootstrap_servers:
         log.info("embedded run: ignoring KAFKA_BOOTSTRAP_SERVERS/REDIS_URL")
     settings.redis = RedisSettings(url=None)
     bus = InProcessBus(settings.platform.max_in_flight)
-    async with open_runtime(settings, script) as runtime, open_services(runtime, specs) as apps:
+    async with (
+        open_runtime(settings, script, tracing=tracing, service=service_name(specs)) as runtime,
+        open_services(runtime, specs) as apps,
+    ):
         for app in apps:
             for sub in app.subscriptions:
-                bus.subscribe(runtime.pipeline(sub, bus))
+                bus.subscribe(runtime.pipeline(sub, bus, messaging_system="switchboard.inprocess"))
         jobs: list[asyncio.Task[None]] = [asyncio.create_task(job(bus)) for app in apps for job in app.background]
         try:
             yield bus, runtime
@@ -218,10 +241,12 @@ async def _cancel(jobs: list[asyncio.Task[None]]) -> None:
 
 
 def kafka_app(
-    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, metrics: Metrics | None = None
+    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, metrics: Metrics | None = None,
+    tracing: TracerProvider | None = None,
 ) -> FastStream:
     """One FastStream app running the given services on Kafka, each in its own consumer group.
-    They record into `metrics` (the process's, which `switchboard serve` serves); none: their own."""
+    They record into `metrics` (the process's, which `switchboard serve` serves); none: their own.
+    Their spans go to `tracing`; none: a provider built from `settings.tracing`."""
     if not settings.redis.url:
         raise ConfigurationError(
             "REDIS_URL is not set. Services on Kafka keep their state in Redis: start it with "
@@ -232,7 +257,7 @@ def kafka_app(
             "SWITCHBOARD_SIGNING_KEY is not set: requests are signed with the development key, which anyone "
             "can read in the source. Set the same secret key on every service of a deployment."
         )
-    client_id = f"switchboard-{'-'.join(s.name for s in specs)}"
+    client_id = service_name(specs)
     broker = make_broker(settings.kafka, client_id=client_id)
     producer = KafkaProducer(broker)
     consumers: list[ConcurrentKafkaConsumer] = []
@@ -242,7 +267,7 @@ def kafka_app(
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            runtime = await stack.enter_async_context(open_runtime(settings, script, metrics))
+            runtime = await stack.enter_async_context(open_runtime(settings, script, metrics, tracing, client_id))
             await ensure_topics(settings.kafka, runtime.topics.all_topics(), settings.platform.partitions)
             apps = await stack.enter_async_context(open_services(runtime, specs))
             consumers[:] = [

@@ -1,7 +1,8 @@
 """The LLM gateway: every model call goes through here, via LiteLLM, and is recorded as an event.
 
 LiteLLM's own retries are off; the platform's retry path owns retries. The offline model is
-registered as a LiteLLM custom provider, so it takes the same path as a real model.
+registered as a LiteLLM custom provider, so it takes the same path as a real model. Each call is a
+`chat {model}` span with its token usage (services/runtime/tracing.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ from services.runtime.offline_model import (
 )
 from services.runtime.prompts import Prompt
 from services.runtime.settings import LLMSettings
+from services.runtime.tracing import Tracing
 
 log = logging.getLogger("switchboard.llm")
 
+# LiteLLM's provider names where the GenAI conventions name the same provider differently.
+_PROVIDERS = {
+    "bedrock": "aws.bedrock", "vertex_ai": "gcp.vertex_ai", "gemini": "gcp.gemini", "azure": "azure.ai.openai",
+    "azure_ai": "azure.ai.inference", "watsonx": "ibm.watsonx.ai", "mistral": "mistral_ai", "xai": "x_ai",
+}
 _TRANSIENT = (
     litellm.exceptions.RateLimitError,
     litellm.exceptions.APIConnectionError,
@@ -63,6 +70,15 @@ def _is_offline(model: str) -> bool:
     return model.split("/", 1)[0] == PROVIDER
 
 
+def provider_name(model: str) -> str:
+    """`gen_ai.provider.name` of a LiteLLM model string; the offline model's is `offline`."""
+    try:
+        provider: str = litellm.get_llm_provider(model)[1]
+    except (litellm.exceptions.BadRequestError, ValueError):  # a model LiteLLM cannot place
+        return "_OTHER"
+    return _PROVIDERS.get(provider, provider)
+
+
 class LLMGateway:
     allow_real_models: ClassVar[bool] = True
     """Tests set this to False so that any real provider call fails loudly."""
@@ -76,8 +92,10 @@ class LLMGateway:
         budget: BudgetLedger | None = None,
         output_estimate_tokens: int = 512,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing.local()
         self.metrics = metrics or Metrics()
         """Counts every call that returned, with its tokens and cost, by model and agent."""
         self.instance = instance
@@ -143,32 +161,37 @@ class LLMGateway:
                 cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),
                 wait_s=self.settings.timeout_s,
             )
-        started = time.perf_counter()
-        try:
-            response = await self.router.acompletion(**kwargs)
-        except BaseException as exc:
-            if ledger is not None and reservation is not None:
-                await ledger.settle(reservation, 0, 0.0, made=False)
-            if isinstance(exc, _TRANSIENT):
-                raise Retryable(f"model {model} failed: {exc}") from exc
-            raise
-        latency_ms = (time.perf_counter() - started) * 1000
-        choice = response.choices[0].message
-        tool_calls = [
-            ModelToolCall(i, tc.function.name or "", tc.function.arguments or "{}")
-            for i, tc in enumerate(choice.tool_calls or [])
-        ]
-        assistant: dict[str, Any] = {"role": "assistant", "content": choice.content}
-        if choice.tool_calls:
-            assistant["tool_calls"] = [
-                {"id": tc.id, "type": "function",
-                 "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
-                for tc in choice.tool_calls
+        prompt_version = f"{prompt.name}.{prompt.version}"
+        with self.tracing.chat(
+            model, provider_name(model), agent=agent, purpose=purpose, prompt_version=prompt_version, messages=messages
+        ) as span:
+            started = time.perf_counter()
+            try:
+                response = await self.router.acompletion(**kwargs)
+            except BaseException as exc:
+                if ledger is not None and reservation is not None:
+                    await ledger.settle(reservation, 0, 0.0, made=False)
+                if isinstance(exc, _TRANSIENT):
+                    raise Retryable(f"model {model} failed: {exc}") from exc
+                raise
+            latency_ms = (time.perf_counter() - started) * 1000
+            choice = response.choices[0].message
+            tool_calls = [
+                ModelToolCall(i, tc.function.name or "", tc.function.arguments or "{}")
+                for i, tc in enumerate(choice.tool_calls or [])
             ]
-        usage = getattr(response, "usage", None)
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = self._cost(model, response, input_tokens, output_tokens)
+            assistant: dict[str, Any] = {"role": "assistant", "content": choice.content}
+            if choice.tool_calls:
+                assistant["tool_calls"] = [
+                    {"id": tc.id, "type": "function",
+                     "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                    for tc in choice.tool_calls
+                ]
+            usage = getattr(response, "usage", None)
+            input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+            cost = self._cost(model, response, input_tokens, output_tokens)
+            self.tracing.chat_completed(span, response, assistant, input_tokens, output_tokens, cost)
         if ledger is not None and reservation is not None:
             await ledger.settle(reservation, input_tokens + output_tokens, cost)
         record = LLMCallRecorded(
@@ -176,7 +199,7 @@ class LLMGateway:
             purpose=purpose,
             agent=agent,
             model=model,
-            prompt_version=f"{prompt.name}.{prompt.version}",
+            prompt_version=prompt_version,
             prompt_hash=prompt.digest,
             messages=messages,
             response=assistant,

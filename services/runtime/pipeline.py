@@ -6,6 +6,8 @@ there, so it holds back neither its partition nor the commits of other keys; aft
 attempt, or on a permanent failure or a poison message, it goes to `<topic>.dlq` with its reason.
 The consumer keeps going. Every output is signed (x-signature); an event type the subscription
 requires signed is refused, dead-lettered as `tool_denied` and audited, unless its signature verifies.
+Each message is handled in a CONSUMER span under the `traceparent` it came with, and every output
+carries that span's (services/runtime/tracing.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -44,7 +47,9 @@ from services.runtime.errors import (
 )
 from services.runtime.metrics import NOT_AN_EVENT, Metrics, StepOutcome
 from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
-from services.runtime.tracecontext import child_traceparent, trace_id
+from services.runtime.tracecontext import trace_id
+from services.runtime.tracing import TRACEPARENT as TRACEPARENT
+from services.runtime.tracing import Tracing, failed, inject
 
 log = logging.getLogger("switchboard.pipeline")
 
@@ -53,7 +58,6 @@ MAX_MESSAGE_BYTES = 512 * 1024
 (the same value plus headers) still fits."""
 # Dead-lettering one of these does not fail its goal: they are the goal's ending or its bookkeeping.
 _NO_NOTICE = frozenset({"work.dead_lettered", "goal.reopened", "goal.failed", "goal.completed", "audit.recorded"})
-TRACEPARENT = "traceparent"
 ATTEMPT = "x-attempt"
 RETRY_DUE_MS = "x-retry-due-ms"
 RETRY_GROUP = "x-retry-group"
@@ -126,6 +130,9 @@ class MessagePipeline:
         audit_topic: str | None = None,
         metrics: Metrics | None = None,
         service: str | None = None,
+        tracing: Tracing | None = None,
+        agent: str | None = None,
+        messaging_system: str = "kafka",
     ) -> None:
         self.subscription = subscription
         self.producer = producer
@@ -139,6 +146,10 @@ class MessagePipeline:
         self.metrics = metrics or Metrics()
         self.service = service or subscription.group
         """The `service` label of this pipeline's metrics."""
+        self.tracing = tracing or Tracing.local()
+        self.agent = agent
+        """The agent kind whose inbox this group reads: each handler call is an `invoke_agent` span."""
+        self.messaging_system = messaging_system
         self._rng = random.Random()
 
     async def process(self, delivery: Delivery) -> None:
@@ -154,13 +165,17 @@ class MessagePipeline:
         if on_retry_topic:
             await self._wait_until_due(delivery)
         started = time.perf_counter()
-        event, rejection = self._decode(delivery)
-        outcome: StepOutcome = "failed"
-        try:
-            outcome = await self._finish(delivery, event, rejection)
-        finally:
-            event_type = event.event_type if event is not None else NOT_AN_EVENT
-            self.metrics.step(self.service, event_type, outcome, time.perf_counter() - started)
+        with self.tracing.processing(delivery, self.messaging_system) as span:
+            event, rejection = self._decode(delivery)
+            if event is not None:
+                self.tracing.describe(span, event)
+            outcome: StepOutcome = "failed"
+            try:
+                outcome = await self._finish(delivery, event, rejection)
+            finally:
+                event_type = event.event_type if event is not None else NOT_AN_EVENT
+                self.metrics.step(self.service, event_type, outcome, time.perf_counter() - started)
+                span.set_attribute("switchboard.outcome", outcome)
 
     async def _finish(self, delivery: Delivery, event: Envelope | None, rejection: Rejection | None) -> StepOutcome:
         if rejection is not None and self.subscription.observer:
@@ -216,7 +231,10 @@ class MessagePipeline:
             exc = ValueError(f"{event.event_type} is not handled by {self.subscription.group}")
             return Rejection("unknown_event", exc)
         try:
-            return await handler(event, delivery)
+            if self.agent is None:
+                return await handler(event, delivery)
+            with self.tracing.agent(self.agent, event):
+                return await handler(event, delivery)
         except GoalStopped as exc:
             log.info("%s of %s not handled: %s", event.event_type, event.task_id or event.goal_id, exc)
             return []
@@ -272,18 +290,15 @@ class MessagePipeline:
         )
         target = Topics.retry(delivery.topic, attempt)
         log.info("attempt %d failed (%r); retrying in %.1fs via %s", attempt, error, delay, target)
+        failed(trace.get_current_span(), error)
         await self._send(target, delivery.key, delivery.value, headers)
         self.metrics.retry(self.service, Topics.origin(delivery.topic), attempt)
 
     async def _produce(self, outputs: list[Outgoing], delivery: Delivery) -> None:
-        parent = delivery.headers.get(TRACEPARENT)
         for out in outputs:
             value = out.event.to_bytes()
-            headers = {
-                TRACEPARENT: child_traceparent(parent),
-                "event_type": out.event.event_type,
-                SIGNATURE: self.signer.sign(value),
-            }
+            headers = {"event_type": out.event.event_type, SIGNATURE: self.signer.sign(value)}
+            inject(headers, delivery.headers)
             await self._send(out.topic, out.key.encode(), value, headers)
 
     async def _send(
@@ -330,6 +345,7 @@ class MessagePipeline:
             "dead-lettered %s[%d]@%d reason=%s: %s",
             delivery.topic, delivery.partition, delivery.offset, rejection.reason, error,
         )
+        failed(trace.get_current_span(), error, kind=rejection.reason)
         await self._send(Topics.dlq(delivery.topic), delivery.key, delivery.value, headers)
         self.metrics.dead_letter(self.service, Topics.origin(delivery.topic), rejection.reason)
         if event is not None and self.notify_topic and event.event_type not in _NO_NOTICE:

@@ -18,6 +18,7 @@ from services.runtime.idempotency import SideEffectGuard
 from services.runtime.pipeline import TRACEPARENT
 from services.runtime.signing import SIGNATURE
 from services.runtime.tracecontext import child_traceparent
+from services.runtime.tracing import current_traceparent
 from services.tools import logic, registry
 from services.tools.limits import ToolLimiter
 from services.tools.redaction import Redactor, install_log_redaction
@@ -56,6 +57,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         needs_approval=settings.needs_approval,
         approval_timeout_s=settings.approval_timeout_s,
         approvals_topic=runtime.topics.approvals,
+        tracing=runtime.tracing,
     )
     uninstall_redaction = install_log_redaction(redact)
 
@@ -64,7 +66,8 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
 
     async def execute(event: Envelope, delivery: Delivery) -> list[Outgoing]:
         assert isinstance(event, ToolCallRequested)
-        return await logic.execute(deps, event, traceparent=delivery.headers.get(TRACEPARENT))
+        # A decision made later (by a person, or the sweeper) continues the trace under this step.
+        return await logic.execute(deps, event, traceparent=current_traceparent() or delivery.headers.get(TRACEPARENT))
 
     async def deny_expired(producer: Producer) -> None:
         """Every approval whose time ran out is denied, once, by whichever replica claims it."""

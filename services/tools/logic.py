@@ -1,6 +1,7 @@
 """Tool execution decisions: re-check the allowlist, validate arguments, run once within the
 tool's limits, and answer the agent, or raise what the platform should do with the request.
-Every execution and every refusal is audited; configured secrets are redacted from the answer."""
+Every execution and every refusal is audited; configured secrets are redacted from the answer.
+Each run is an `execute_tool {tool}` span."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
+from services.runtime.tracing import Tracing, failed
 from services.tools.limits import ToolLimiter
 from services.tools.redaction import Redactor
 from services.tools.registry import CallContext, Tool, ToolUsageError
@@ -44,6 +46,7 @@ class ToolsDeps:
     """Tools that run only once a person has approved the call (TOOLS_NEEDS_APPROVAL)."""
     approval_timeout_s: float = 3_600.0
     approvals_topic: str = ""
+    tracing: Tracing = field(default_factory=Tracing.local)
 
 
 TRUNCATED = "\n[truncated]"
@@ -71,23 +74,27 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested, traceparent: str 
         if waiting is not None:
             return waiting
     ctx = CallContext(request.tenant, request.goal_id, request.task_id or "", digest)
-    try:
-        # Breaker and slot come before the side-effect claim, so the claim is held only while
-        # the tool runs (bounded by its timeout), never while the call waits for a slot.
-        async with deps.limiters[request.tool].attempt() as attempt:
-            run = partial(attempt.run, partial(tool.run, args, ctx))
-            if spec.side_effect:
-                output, replayed = await deps.guard.run_once(request.tenant, digest, run)
-            else:
-                output, replayed = await run(), False
-    except ToolUsageError as exc:
-        error = deps.redact(str(exc))
-        return [_reply(request, ok=False, error=error), _executed(deps, request, spec, digest, ok=False, error=error)]
-    except Permanent as exc:  # the tool crashed (a Retryable is audited once it runs, or is dead-lettered)
-        error = deps.redact(str(exc))[:1_000]
-        exc.outputs.append(_executed(deps, request, spec, digest, ok=False, error=error, reason=exc.reason))
-        exc.args = (deps.redact(str(exc)),)
-        raise
+    with deps.tracing.tool(request.tool, request.call_id, canonical, scrub=deps.redact) as span:
+        try:
+            # Breaker and slot come before the side-effect claim, so the claim is held only while
+            # the tool runs (bounded by its timeout), never while the call waits for a slot.
+            async with deps.limiters[request.tool].attempt() as attempt:
+                run = partial(attempt.run, partial(tool.run, args, ctx))
+                if spec.side_effect:
+                    output, replayed = await deps.guard.run_once(request.tenant, digest, run)
+                else:
+                    output, replayed = await run(), False
+        except ToolUsageError as exc:
+            error = deps.redact(str(exc))
+            failed(span, exc, kind="usage", scrub=deps.redact)
+            return [_reply(request, ok=False, error=error), _executed(deps, request, spec, digest, ok=False, error=error)]
+        except Permanent as exc:  # the tool crashed (a Retryable is audited once it runs, or is dead-lettered)
+            error = deps.redact(str(exc))[:1_000]
+            exc.outputs.append(_executed(deps, request, spec, digest, ok=False, error=error, reason=exc.reason))
+            exc.args = (deps.redact(str(exc)),)
+            raise
+        deps.tracing.tool_result(span, deps.redact(output))
+        span.set_attribute("switchboard.replayed", replayed)
     return [
         _reply(request, ok=True, output=deps.redact(output), replayed=replayed),
         _executed(deps, request, spec, digest, ok=True, replayed=replayed),

@@ -69,6 +69,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         min_score=settings.min_score,
         catalogue=runtime.catalogue,
         task_ttl_s=settings.task_ttl_s,
+        replay=runtime.replay,
     )
 
     topics = runtime.topics

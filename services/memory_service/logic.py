@@ -2,7 +2,8 @@
 
 What is kept (curated by memory.semantic): a completed task's result as an outcome, unless it
 only repeats memories the task was served; a failed or dead-lettered task as a lesson labelled
-with its cause; facts that agents store with `remember_fact`, versioned by subject.
+with its cause; facts that agents store with `remember_fact`, versioned by subject. In a replay,
+the goal's record answers recalls and memory tool calls instead.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from schemas.events import (
     ToolCallRequested,
     WorkDeadLettered,
 )
-from schemas.tools import KnowledgeSearchArgs, RememberFactArgs, ToolArgs
+from schemas.tools import TOOL_SPECS, KnowledgeSearchArgs, RememberFactArgs, ToolArgs
 from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
+from services.runtime.host import Replay
 
 
 A = TypeVar("A", bound=ToolArgs)
@@ -55,10 +57,16 @@ class MemoryDeps:
     """The agent kinds, to check again that the requesting kind may call the tool."""
     task_ttl_s: int = 7 * 86_400
     """How long a task's instruction and served memories are kept for curating its outcome."""
+    replay: Replay | None = None
+    """Set when a recorded goal runs again (`switchboard replay`): the record answers the recalls
+    and memory tool calls it holds."""
 
 
 async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgoing]:
     """A task's memories: facts, outcomes and failure lessons (labelled), current versions only."""
+    recorded = deps.replay.recall(request) if deps.replay is not None else None
+    if recorded is not None:
+        return [Outgoing(request.reply_to, recorded, request.task_id or request.goal_id)]
     found = await deps.semantic.recall(
         request.tenant, request.query, request.k, kinds=("fact", "outcome", "lesson"), min_score=deps.min_score
     )
@@ -77,6 +85,12 @@ async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgo
 async def execute_tool(deps: MemoryDeps, request: ToolCallRequested) -> list[Outgoing]:
     """The memory tools (kb_search, remember_fact), run here because this service owns semantic
     memory. Checked like at the tools executor, and audited."""
+    spec = TOOL_SPECS.get(request.tool)
+    if deps.replay is not None and spec is not None and spec.executor == "memory":
+        args = _admitted(deps, request, spec.name, spec.args)
+        recorded = deps.replay.tool_result(request, args.model_dump(mode="json"), spec.side_effect)
+        if recorded is not None:
+            return [Outgoing(request.reply_to, recorded, request.task_id or request.goal_id)]
     if request.tool == "remember_fact":
         return await remember_fact(deps, request)
     return await search_knowledge(deps, request)

@@ -19,6 +19,7 @@ from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
 from services.ops.lag_cli import lag
 from services.ops.prompts_cli import prompts
+from services.ops.replay_cli import replay
 from services.ops.top_cli import top
 from services.ops.trace_cli import trace
 from services.ops.terminal import (
@@ -48,6 +49,7 @@ command(app, "audit")(audit)
 command(app, "lag")(lag)
 command(app, "prompts")(prompts)
 command(app, "trace")(trace)
+command(app, "replay")(replay)
 command(app, "top")(top)
 app.add_typer(approvals_app, name="approvals")
 command(approvals_app, "list")(list_approvals)

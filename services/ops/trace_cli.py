@@ -5,30 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.markup import escape
 
 from memory.keys import RedisKeys
 from memory.timeline import GoalTimeline
-from schemas.envelope import Envelope
-from schemas.events import decode_event
 from services.ops import dlq
 from services.ops.terminal import TenantOption, console, echo_json, err, reader_settings, run_async
-from services.ops.trace_view import build_trace, trace_tree
-
-
-async def recorded_events(timeline: GoalTimeline, tenant: str, goal_id: str) -> list[Envelope] | None:
-    """The goal's recorded events, or None when it has no record (for this tenant) at all."""
-    entries = await timeline.read(tenant, goal_id)
-    if not entries:
-        return None
-    events: list[Envelope] = []
-    for entry in entries:
-        try:
-            events.append(decode_event(entry.payload))
-        except (ValidationError, ValueError):
-            continue  # the recorder writes events only; an entry that is not one has nothing to show
-    return events
+from services.ops.trace_view import build_trace, recorded_events, trace_tree
 
 
 def trace(

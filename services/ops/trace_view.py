@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.tree import Tree
 
+from memory.timeline import GoalTimeline
 from schemas.budget import LIMIT_NAMES
 from schemas.envelope import Envelope
 from schemas.events import (
@@ -31,6 +33,7 @@ from schemas.events import (
     ToolCallCompleted,
     ToolCallRequested,
     WorkDeadLettered,
+    decode_event,
 )
 from services.ops.dlq import DeadLetter
 from services.ops.terminal import short
@@ -111,6 +114,20 @@ class GoalTrace:
             "outcome": self.outcome or {"status": "running"},
             "totals": self.totals(),
         }
+
+
+async def recorded_events(timeline: GoalTimeline, tenant: str, goal_id: str) -> list[Envelope] | None:
+    """The goal's recorded events, or None when it has no record (for this tenant) at all."""
+    entries = await timeline.read(tenant, goal_id)
+    if not entries:
+        return None
+    events: list[Envelope] = []
+    for entry in entries:
+        try:
+            events.append(decode_event(entry.payload))
+        except (ValidationError, ValueError):
+            continue  # the recorder writes events only; an entry that is not one has nothing to show
+    return events
 
 
 def build_trace(goal_id: str, tenant: str, events: Iterable[Envelope], dead_letters: Iterable[DeadLetter]) -> GoalTrace:

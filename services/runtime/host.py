@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import fakeredis
 from faststream import FastStream
@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from memory.keys import RedisKeys
+from schemas.events import MemoryRecallCompleted, MemoryRecallRequested, ToolCallCompleted, ToolCallRequested
 from schemas.topics import Topics
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Producer, Subscription
@@ -29,7 +30,7 @@ from services.runtime.errors import ConfigurationError
 from services.runtime.inprocess_bus import InProcessBus
 from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker
 from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
-from services.runtime.llm import LLMGateway
+from services.runtime.llm import LLMGateway, RecordedResponses
 from services.runtime.metrics import Metrics
 from services.runtime.offline_model import Script
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
@@ -67,6 +68,29 @@ class Settings:
     tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
+class Replay(RecordedResponses, Protocol):
+    """A recorded goal run again (`switchboard replay`, services/ops/replay.py): what its record
+    answers in place of the model (the gateway), the tools (the executor) and memory recalls (the
+    memory service). A side effect is never repeated."""
+
+    what_if: bool
+    """False: a deterministic replay, where everything is answered from the record and what it
+    does not hold is a divergence. True: the model is called (another model or prompt version);
+    tool calls the record holds (same tool, same arguments) get its results."""
+
+    def tool_result(
+        self, request: ToolCallRequested, arguments: dict[str, Any], side_effect: bool
+    ) -> ToolCallCompleted | None:
+        """The reply to `request` (`arguments` validated), or None when it is to run live (only in a
+        what-if run, and never a call with a side effect). Raises Permanent when a deterministic
+        replay asks for a call the record does not hold."""
+        ...
+
+    def recall(self, request: MemoryRecallRequested) -> MemoryRecallCompleted | None:
+        """The reply to a recall, or None when it is to run live (what-if). Raises like tool_result."""
+        ...
+
+
 @dataclass
 class Runtime:
     """Clients and facts every service may use. Created and closed by the host."""
@@ -84,6 +108,8 @@ class Runtime:
     """The process's Prometheus metrics; `switchboard serve` serves them (services/runtime/metrics.py)."""
     tracing: Tracing = field(default_factory=Tracing.local)
     """The process's tracer (services/runtime/tracing.py)."""
+    replay: Replay | None = None
+    """Set when the services run a recorded goal again (`run_embedded(..., replay=...)`)."""
     _llm: LLMGateway | None = None
     _budget: BudgetLedger | None = None
 
@@ -101,6 +127,7 @@ class Runtime:
                 self.settings.llm, models, self.settings.platform.instance, script=self.script,
                 budget=self.budget, output_estimate_tokens=self.settings.budget.output_estimate_tokens,
                 metrics=self.metrics, tracing=self.tracing,
+                recorded=self.replay if self.replay is not None and not self.replay.what_if else None,
             )
         return self._llm
 
@@ -165,7 +192,7 @@ def service_name(specs: list[ServiceSpec]) -> str:
 @asynccontextmanager
 async def open_runtime(
     settings: Settings, script: Script | None = None, metrics: Metrics | None = None,
-    tracing: TracerProvider | None = None, service: str = "switchboard",
+    tracing: TracerProvider | None = None, service: str = "switchboard", replay: Replay | None = None,
 ) -> AsyncIterator[Runtime]:
     """`tracing`: the provider spans go to (tests pass one with an in-memory exporter). None: one
     built from `settings.tracing`, owned here and shut down (its export flushed) on the way out."""
@@ -190,6 +217,7 @@ async def open_runtime(
         signer=Signer.from_setting(platform.signing_key),
         metrics=metrics or Metrics(),
         tracing=Tracing.of(provider, content=settings.tracing.trace_content),
+        replay=replay,
     )
     try:
         yield runtime
@@ -212,15 +240,17 @@ async def open_services(runtime: Runtime, specs: list[ServiceSpec]) -> AsyncIter
 
 @asynccontextmanager
 async def run_embedded(
-    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, tracing: TracerProvider | None = None
+    specs: list[ServiceSpec], settings: Settings, script: Script | None = None, tracing: TracerProvider | None = None,
+    replay: Replay | None = None,
 ) -> AsyncIterator[tuple[InProcessBus, Runtime]]:
-    """Every service in this process, on the in-process bus and in-process stores."""
+    """Every service in this process, on the in-process bus and in-process stores. With `replay`,
+    they run a recorded goal again (services/ops/replay.py)."""
     if settings.redis.url or settings.kafka.bootstrap_servers:
         log.info("embedded run: ignoring KAFKA_BOOTSTRAP_SERVERS/REDIS_URL")
     settings.redis = RedisSettings(url=None)
     bus = InProcessBus(settings.platform.max_in_flight)
     async with (
-        open_runtime(settings, script, tracing=tracing, service=service_name(specs)) as runtime,
+        open_runtime(settings, script, tracing=tracing, service=service_name(specs), replay=replay) as runtime,
         open_services(runtime, specs) as apps,
     ):
         for app in apps:

@@ -2,7 +2,8 @@
 
 LiteLLM's own retries are off; the platform's retry path owns retries. The offline model is
 registered as a LiteLLM custom provider, so it takes the same path as a real model. Each call is a
-`chat {model}` span with its token usage (services/runtime/tracing.py).
+`chat {model}` span with its token usage (services/runtime/tracing.py). In a deterministic replay
+(`switchboard replay`) a goal's record answers every call instead, and no model is called.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import litellm
+from litellm import ModelResponse
 from litellm.router import Router
 
 from schemas.envelope import Envelope
@@ -66,6 +68,17 @@ class Completion:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class RecordedResponses(Protocol):
+    """Where a replay's model responses come from: a goal's record (services/ops/replay.py)."""
+
+    def model_response(
+        self, purpose: str, agent: str, goal_id: str, step_id: str | None, messages: list[dict[str, Any]]
+    ) -> LLMCallRecorded:
+        """The recorded call that answers this one; raises Permanent when the record holds none
+        (the replay diverged from the record)."""
+        ...
+
+
 def _is_offline(model: str) -> bool:
     return model.split("/", 1)[0] == PROVIDER
 
@@ -93,8 +106,13 @@ class LLMGateway:
         output_estimate_tokens: int = 512,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        recorded: RecordedResponses | None = None,
     ) -> None:
         self.settings = settings
+        self.recorded = recorded
+        """When set (a deterministic replay), every call is answered from it and no model is called."""
+        self.model_calls = 0
+        """Calls made to a model through LiteLLM (not those answered from a record)."""
         self.tracing = tracing or Tracing.local()
         self.metrics = metrics or Metrics()
         """Counts every call that returned, with its tokens and cost, by model and agent."""
@@ -141,7 +159,7 @@ class LLMGateway:
         """`findings`: injection markers in the untrusted data new to this call, for its record.
         `context_tokens` and `full_history_tokens`: the caller's estimate of `messages` and of the
         uncompressed context it was assembled from, recorded to show what the assembly saved."""
-        if not _is_offline(model) and not self.allow_real_models:
+        if self.recorded is None and not _is_offline(model) and not self.allow_real_models:
             raise ConfigurationError(f"real model calls are disabled here; {model!r} was asked for")
         kwargs: dict[str, Any] = {
             "model": model,
@@ -166,8 +184,14 @@ class LLMGateway:
             model, provider_name(model), agent=agent, purpose=purpose, prompt_version=prompt_version, messages=messages
         ) as span:
             started = time.perf_counter()
+            past: LLMCallRecorded | None = None
             try:
-                response = await self.router.acompletion(**kwargs)
+                if self.recorded is not None:
+                    past = self.recorded.model_response(purpose, agent, cause.goal_id, step_id, messages)
+                    response = _response_of(past)
+                else:
+                    self.model_calls += 1
+                    response = await self.router.acompletion(**kwargs)
             except BaseException as exc:
                 if ledger is not None and reservation is not None:
                     await ledger.settle(reservation, 0, 0.0, made=False)
@@ -190,7 +214,7 @@ class LLMGateway:
             usage = getattr(response, "usage", None)
             input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
             output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            cost = self._cost(model, response, input_tokens, output_tokens)
+            cost = past.cost_usd if past is not None else self._cost(model, response, input_tokens, output_tokens)
             self.tracing.chat_completed(span, response, assistant, input_tokens, output_tokens, cost)
         if ledger is not None and reservation is not None:
             await ledger.settle(reservation, input_tokens + output_tokens, cost)
@@ -237,3 +261,17 @@ class LLMGateway:
             log.warning("no price known for %s; recording cost 0 (%s)", model, exc)
             return 0.0
 
+
+
+def _response_of(past: LLMCallRecorded) -> ModelResponse:
+    """A recorded call's answer as LiteLLM returns one, so it takes the same path as a live answer:
+    the same content, tool calls (with their ids) and token counts."""
+    finish = "tool_calls" if past.response.get("tool_calls") else "stop"
+    return ModelResponse(
+        model=past.model,
+        choices=[{"index": 0, "message": past.response, "finish_reason": finish}],
+        usage={
+            "prompt_tokens": past.input_tokens, "completion_tokens": past.output_tokens,
+            "total_tokens": past.input_tokens + past.output_tokens,
+        },
+    )

@@ -2,7 +2,7 @@
 
 Every model call records the version it used. A new version can be rolled out to a share of
 goals, chosen by a stable hash of the goal id, and rolled back by configuration
-(`SWITCHBOARD_PROMPT_ROLLOUT`).
+(`SWITCHBOARD_PROMPT_ROLLOUT`). A replay pins the versions of the services it opens (`pinned`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,6 +86,21 @@ class Rollout(BaseModel):
         if not match:
             raise ValueError(f"{value!r} is not a version such as v2")
         return f"v{int(match[1])}"
+
+
+_pins: ContextVar[Mapping[str, Rollout]] = ContextVar("switchboard_prompt_pins", default={})
+
+
+@contextmanager
+def pinned(versions: Mapping[str, str]) -> Iterator[None]:
+    """Every goal gets these versions (`{"researcher": "v2"}`) from the libraries `configured`
+    within, whatever the rollout says: a replay runs the recorded versions, a what-if run another.
+    A context variable, so services opened elsewhere in the process keep their rollout."""
+    token = _pins.set({name: Rollout(stable=version) for name, version in versions.items()})
+    try:
+        yield
+    finally:
+        _pins.reset(token)
 
 
 class PromptSettings(BaseSettings):
@@ -163,7 +180,7 @@ class PromptLibrary:
         and `switchboard prompts` see them. A custom catalogue (SWITCHBOARD_AGENTS_DIR) may ship
         prompt files beside its kinds; the orchestrator's own files still win for their versions."""
         directories = [PACKAGED_PROMPTS, *filter(None, [agents_dir]), ORCHESTRATOR_PROMPTS]
-        return cls(*directories, rollout=PromptSettings.load().rollout)
+        return cls(*directories, rollout={**PromptSettings.load().rollout, **_pins.get()})
 
     def _resolve(self, name: str, rollout: Rollout | None) -> PromptRollout:
         versions = self._prompts[name]

@@ -58,6 +58,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         approval_timeout_s=settings.approval_timeout_s,
         approvals_topic=runtime.topics.approvals,
         tracing=runtime.tracing,
+        replay=runtime.replay,
     )
     uninstall_redaction = install_log_redaction(redact)
 

@@ -1,7 +1,7 @@
 """Tool execution decisions: re-check the allowlist, validate arguments, run once within the
 tool's limits, and answer the agent, or raise what the platform should do with the request.
 Every execution and every refusal is audited; configured secrets are redacted from the answer.
-Each run is an `execute_tool {tool}` span."""
+Each run is an `execute_tool {tool}` span. In a replay, the goal's record answers instead."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
+from services.runtime.host import Replay
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
 from services.runtime.tracing import Tracing, failed
 from services.tools.limits import ToolLimiter
@@ -47,6 +48,9 @@ class ToolsDeps:
     approval_timeout_s: float = 3_600.0
     approvals_topic: str = ""
     tracing: Tracing = field(default_factory=Tracing.local)
+    replay: Replay | None = None
+    """Set when a recorded goal runs again (`switchboard replay`): the record answers the calls it
+    holds; a call with a side effect is never run again."""
 
 
 TRUNCATED = "\n[truncated]"
@@ -68,6 +72,9 @@ async def execute(deps: ToolsDeps, request: ToolCallRequested, traceparent: str 
         exc.args = (deps.redact(str(exc)),)  # the message becomes the dead letter's x-dlq-exception-message
         raise
     canonical = args.model_dump(mode="json")
+    recorded = deps.replay.tool_result(request, canonical, spec.side_effect) if deps.replay is not None else None
+    if recorded is not None:
+        return [Outgoing(request.reply_to, recorded, request.task_id or request.goal_id)]
     digest = idempotency_digest(request.goal_id, request.task_id, request.step_id, request.tool, canonical)
     if request.tool in deps.needs_approval:
         waiting = await _await_approval(deps, request, digest[:24], traceparent)

@@ -80,8 +80,9 @@ def lag_view(groups: Sequence[GroupLag], namespace: str, all_groups: bool) -> Re
 
 def _rules_help() -> str:
     rules = " ".join(f"{status.value}: {rule}." for status, rule in STATUS_RULES.items())
-    return f"""Consumer lag of every consumer group of the namespace (groups named <namespace>.<name>), per
-    topic and partition: the committed offset, the end offset, the lag (end minus committed), the lag
+    return f"""Consumer lag per group, topic and partition, with Burrow's status.
+
+    Every consumer group of the namespace (groups named <namespace>.<name>), per topic and partition: the committed offset, the end offset, the lag (end minus committed), the lag
     in seconds (now minus the timestamp of the first record not consumed yet; 0 without lag), the
     member that owns the partition (client id@host), and a status over the window of the partition's
     last --window offset commits, read from __consumer_offsets outside any group, like Burrow. A

@@ -9,11 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from memory.keys import RedisKeys
-from memory.timeline import GoalTimeline
 from services.ops.replay import GoalRecord, causal_order, compare, diff, outcome, run_again, run_summary
 from services.ops.terminal import TenantOption, console, echo_json, err, run_async, setup_logging
-from services.ops.trace_view import recorded_events
+from services.ops.trace_cli import load_record
 from services.runtime.host import Settings
 
 
@@ -59,24 +57,8 @@ def replay(
     what_if = model is not None or prompt_version is not None
 
     async def main() -> int:
-        from redis.asyncio import Redis
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        redis = Redis.from_url(settings.redis.url or "")
-        try:
-            timeline = GoalTimeline(redis, RedisKeys(settings.platform.namespace), 0, 0)
-            events = await recorded_events(timeline, who, goal_id)
-        except RedisConnectionError as exc:
-            err.print(f"[red]cannot reach Redis: {escape(str(exc))}. Is it running, and is REDIS_URL right?[/]")
-            return 2
-        finally:
-            await redis.aclose()
+        events = await load_record(settings.redis.url or "", settings.platform.namespace, who, goal_id)
         if events is None:
-            err.print(
-                f"[red]no record of goal {escape(goal_id)} for tenant {escape(who)} in namespace "
-                f"{escape(settings.platform.namespace)}[/]: check the goal id and --tenant. Records expire "
-                "MEMORY_STREAM_TTL_S seconds (7 days by default) after the goal's last event."
-            )
             return 2
         try:
             record = GoalRecord(events, what_if=what_if)

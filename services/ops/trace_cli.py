@@ -9,9 +9,33 @@ from rich.markup import escape
 
 from memory.keys import RedisKeys
 from memory.timeline import GoalTimeline
+from schemas.envelope import Envelope
 from services.ops import dlq
 from services.ops.terminal import TenantOption, console, echo_json, err, reader_settings, run_async
 from services.ops.trace_view import build_trace, recorded_events, trace_tree
+
+
+async def load_record(redis_url: str, namespace: str, tenant: str, goal_id: str) -> list[Envelope] | None:
+    """The goal's recorded events, or None after saying why there are none (no record, no Redis)."""
+    from redis.asyncio import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    redis = Redis.from_url(redis_url)
+    try:
+        # Only read: the stream's length and expiry are the recorder's.
+        events = await recorded_events(GoalTimeline(redis, RedisKeys(namespace), 0, 0), tenant, goal_id)
+    except RedisConnectionError as exc:
+        err.print(f"[red]cannot reach Redis: {escape(str(exc))}. Is it running, and is REDIS_URL right?[/]")
+        return None
+    finally:
+        await redis.aclose()
+    if events is None:
+        err.print(
+            f"[red]no record of goal {escape(goal_id)} for tenant {escape(tenant)} in namespace "
+            f"{escape(namespace)}[/]: check the goal id and --tenant. Records expire MEMORY_STREAM_TTL_S "
+            "seconds (7 days by default) after the goal's last event."
+        )
+    return events
 
 
 def trace(
@@ -41,25 +65,8 @@ def trace(
         raise typer.Exit(2)
 
     async def main() -> int:
-        from redis.asyncio import Redis
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        redis = Redis.from_url(settings.redis.url or "")
-        try:
-            # Only read: the stream's length and expiry are the recorder's.
-            events = await recorded_events(GoalTimeline(redis, RedisKeys(topics.namespace), 0, 0), who, goal_id)
-        except RedisConnectionError as exc:
-            err.print(f"[red]cannot reach Redis: {escape(str(exc))}. Is it running, and is REDIS_URL right?[/]")
-            return 2
-        finally:
-            await redis.aclose()
+        events = await load_record(settings.redis.url or "", topics.namespace, who, goal_id)
         if events is None:
-            err.print(
-                f"[red]no record of goal {escape(goal_id)} for tenant {escape(who)} in namespace "
-                f"{escape(topics.namespace)}[/]: check the goal id and --tenant (the tenant searched was "
-                f"{escape(who)}). Records expire MEMORY_STREAM_TTL_S seconds (7 days by default) after the "
-                "goal's last event."
-            )
             return 2
         letters = await dlq.select(settings.kafka, topics, dlq.Selection(goals=frozenset({goal_id})))
         mine = [d for d in letters if d.tenant in (None, who)]

@@ -15,6 +15,17 @@ from services.runtime.offline_model import Script
 from services.runtime.settings import KafkaSettings, LLMSettings, PlatformSettings, QdrantSettings, RedisSettings
 from tests.support.kafka import drop_namespace_topics, unique
 
+KINDS = ("researcher", "writer")
+"""The packaged agent kinds."""
+EVERY_SERVICE = [
+    ServiceSpec("orchestrator"),
+    ServiceSpec("agent", {"kind": "researcher"}),
+    ServiceSpec("agent", {"kind": "writer"}),
+    ServiceSpec("tools"),
+    ServiceSpec("memory"),  # its recorder also writes each goal's record (trace, replay)
+]
+"""Every role, once each: a whole deployment in the test's process."""
+
 
 def _require() -> tuple[str, str]:
     kafka, redis = KafkaSettings().bootstrap_servers, RedisSettings().url

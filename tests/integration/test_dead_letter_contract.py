@@ -25,20 +25,13 @@ from schemas.events import (
     decode_event,
 )
 from schemas.topics import Topics
-from services.runtime.host import ServiceSpec, Settings
+from services.runtime.host import Settings
 from services.runtime.offline_model import ToolCall, Turn, default_turn, role_of
 from services.runtime.pipeline import MAX_MESSAGE_BYTES
-from tests.integration.conftest import serving
+from tests.integration.conftest import EVERY_SERVICE, KINDS, serving
 from tests.support.kafka import RawProducer, Seen, TopicWatch
 
-KINDS = ("researcher", "writer")
-SERVICES = [
-    ServiceSpec("orchestrator"),
-    ServiceSpec("agent", {"kind": "researcher"}),
-    ServiceSpec("agent", {"kind": "writer"}),
-    ServiceSpec("tools"),
-    ServiceSpec("memory"),
-]
+SERVICES = EVERY_SERVICE
 
 
 @dataclass(frozen=True)

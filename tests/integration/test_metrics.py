@@ -19,19 +19,13 @@ from schemas.envelope import Envelope
 from schemas.events import AuditRecorded, GoalCompleted, GoalSubmitted, LLMCallRecorded, ToolCallRequested
 from schemas.topics import Topics
 from services.runtime.audit import TOOL_EXECUTED
-from services.runtime.host import ServiceSpec, Settings, kafka_app
+from services.runtime.host import Settings, kafka_app
 from services.runtime.metrics import Metrics, MetricsEndpoint, serve_metrics
 from services.runtime.settings import LLMSettings
+from tests.integration.conftest import EVERY_SERVICE, KINDS
 from tests.support.kafka import RawProducer, Seen, TopicWatch, eventually
 
-KINDS = ("researcher", "writer")
-SERVICES = [
-    ServiceSpec("orchestrator"),
-    ServiceSpec("agent", {"kind": "researcher"}),
-    ServiceSpec("agent", {"kind": "writer"}),
-    ServiceSpec("tools"),
-    ServiceSpec("memory"),
-]
+SERVICES = EVERY_SERVICE
 GROUPS = ("orchestrator", "agent.researcher", "agent.writer", "tools", "memory", "memory-recorder")
 Samples = list[tuple[str, dict[str, str], float]]
 E = TypeVar("E", bound=Envelope)

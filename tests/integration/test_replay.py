@@ -19,18 +19,12 @@ from schemas.topics import Topics
 from services.ops.cli import app
 from services.ops.replay import causal_order
 from services.ops.trace_view import recorded_events
-from services.runtime.host import ServiceSpec, Settings
+from services.runtime.host import Settings
 from services.runtime.offline_model import Turn
-from tests.integration.conftest import serving
+from tests.integration.conftest import EVERY_SERVICE, serving
 from tests.support.kafka import RawProducer, TopicWatch, eventually, unique
 
-SERVICES = [
-    ServiceSpec("orchestrator"),
-    ServiceSpec("agent", {"kind": "researcher"}),
-    ServiceSpec("agent", {"kind": "writer"}),
-    ServiceSpec("tools"),
-    ServiceSpec("memory"),  # its recorder writes the record `replay` reads
-]
+SERVICES = EVERY_SERVICE
 
 
 def no_model_calls(messages: list[dict[str, Any]], tools: list[str]) -> Turn:

@@ -27,20 +27,13 @@ from schemas.events import (
 )
 from schemas.topics import Topics
 from services.ops.cli import app
-from services.runtime.host import ServiceSpec, Settings
+from services.runtime.host import Settings
 from services.runtime.settings import BudgetSettings
-from tests.integration.conftest import serving
+from tests.integration.conftest import EVERY_SERVICE, KINDS, serving
 from tests.support.kafka import RawProducer, TopicWatch, eventually, unique
 from tests.support.scripts import looping
 
-KINDS = ("researcher", "writer")
-SERVICES = [
-    ServiceSpec("orchestrator"),
-    ServiceSpec("agent", {"kind": "researcher"}),
-    ServiceSpec("agent", {"kind": "writer"}),
-    ServiceSpec("tools"),
-    ServiceSpec("memory"),  # its recorder writes the timeline `trace` reads
-]
+SERVICES = EVERY_SERVICE
 
 
 async def switchboard(settings: Settings, *args: str) -> Result:

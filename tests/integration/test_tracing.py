@@ -14,18 +14,12 @@ from opentelemetry.trace import SpanKind
 
 from schemas.events import GoalCompleted, GoalSubmitted, LLMCallRecorded
 from schemas.topics import Topics
-from services.runtime.host import ServiceSpec, Settings, kafka_app
+from services.runtime.host import Settings, kafka_app
 from services.runtime.tracecontext import new_traceparent, trace_id
+from tests.integration.conftest import EVERY_SERVICE, KINDS
 from tests.support.kafka import RawProducer, TopicWatch, eventually
 
-KINDS = ("researcher", "writer")
-SERVICES = [
-    ServiceSpec("orchestrator"),
-    ServiceSpec("agent", {"kind": "researcher"}),
-    ServiceSpec("agent", {"kind": "writer"}),
-    ServiceSpec("tools"),
-    ServiceSpec("memory"),
-]
+SERVICES = EVERY_SERVICE
 GROUPS = ("orchestrator", "agent.researcher", "agent.writer", "tools", "memory", "memory-recorder")
 
 

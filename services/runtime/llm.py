@@ -262,7 +262,6 @@ class LLMGateway:
             return 0.0
 
 
-
 def _response_of(past: LLMCallRecorded) -> ModelResponse:
     """A recorded call's answer as LiteLLM returns one, so it takes the same path as a live answer:
     the same content, tool calls (with their ids) and token counts."""

@@ -70,6 +70,8 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         catalogue=runtime.catalogue,
         task_ttl_s=settings.task_ttl_s,
         replay=runtime.replay,
+        metrics=runtime.metrics,
+        tracing=runtime.tracing,
     )
 
     topics = runtime.topics

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,8 +38,10 @@ from schemas.tools import TOOL_SPECS, KnowledgeSearchArgs, RememberFactArgs, Too
 from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
-from services.runtime.errors import Permanent, ToolDenied
+from services.runtime.errors import Permanent, Retryable, ToolDenied
 from services.runtime.host import Replay
+from services.runtime.metrics import Metrics, ToolErrorKind
+from services.runtime.tracing import Tracing
 
 
 A = TypeVar("A", bound=ToolArgs)
@@ -60,6 +64,10 @@ class MemoryDeps:
     replay: Replay | None = None
     """Set when a recorded goal runs again (`switchboard replay`): the record answers the recalls
     and memory tool calls it holds."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """Each memory tool run counts in the tool latency and error metrics, like a tool's."""
+    tracing: Tracing = field(default_factory=Tracing.local)
+    """Each memory tool run is an `execute_tool {tool}` span, like a tool's."""
 
 
 async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgoing]:
@@ -91,14 +99,17 @@ async def execute_tool(deps: MemoryDeps, request: ToolCallRequested) -> list[Out
         recorded = deps.replay.tool_result(request, args.model_dump(mode="json"), spec.side_effect)
         if recorded is not None:
             return [Outgoing(request.reply_to, recorded, request.task_id or request.goal_id)]
-    if request.tool == "remember_fact":
-        return await remember_fact(deps, request)
-    return await search_knowledge(deps, request)
+    run = remember_fact if request.tool == "remember_fact" else search_knowledge
+    with deps.tracing.tool(request.tool, request.call_id, request.arguments):
+        return await run(deps, request)
 
 
 async def search_knowledge(deps: MemoryDeps, request: ToolCallRequested) -> list[Outgoing]:
     args = _admitted(deps, request, "kb_search", KnowledgeSearchArgs)
-    found = await deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",), min_score=deps.min_score)
+    found = await _timed(
+        deps, "kb_search",
+        deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",), min_score=deps.min_score),
+    )
     await _note_served(deps, request, found)
     output = "\n".join(r.text for r in found) if found else "no matching facts"
     executed = _audit(deps, request, TOOL_EXECUTED, ok=True, replayed=False)
@@ -109,13 +120,13 @@ async def remember_fact(deps: MemoryDeps, request: ToolCallRequested) -> list[Ou
     """Store a fact, versioned by its subject; the tool call's id is its source, so a redelivered
     request changes nothing. valid_from is when the request was made."""
     args = _admitted(deps, request, "remember_fact", RememberFactArgs)
-    written = await deps.semantic.write(
-        MemoryRecord(
-            tenant=request.tenant, kind="fact", text=args.fact, source=f"call/{request.call_id}",
-            agent=request.agent_kind, source_goal=request.goal_id, quality=0.8, subject=args.subject,
-            valid_from=request.ts.timestamp(),
-        ),
-        served=await _served(deps, request.tenant, request.task_id),
+    fact = MemoryRecord(
+        tenant=request.tenant, kind="fact", text=args.fact, source=f"call/{request.call_id}",
+        agent=request.agent_kind, source_goal=request.goal_id, quality=0.8, subject=args.subject,
+        valid_from=request.ts.timestamp(),
+    )
+    written = await _timed(
+        deps, "remember_fact", deps.semantic.write(fact, served=await _served(deps, request.tenant, request.task_id))
     )
     output = {
         "added": "stored as a new fact",
@@ -126,6 +137,25 @@ async def remember_fact(deps: MemoryDeps, request: ToolCallRequested) -> list[Ou
     }[written.action]
     executed = _audit(deps, request, TOOL_EXECUTED, ok=True, replayed=False, memory=written.action)
     return [_tool_reply(request, ok=True, output=f"{output} (memory {written.memory_id})", error=None), executed]
+
+
+R = TypeVar("R")
+
+
+async def _timed(deps: MemoryDeps, tool: str, work: Awaitable[R]) -> R:
+    """The tool's own work (after admission), in the tool latency and error metrics."""
+    started = time.perf_counter()
+    kind: ToolErrorKind | None = None
+    try:
+        return await work
+    except Retryable:
+        kind = "transient"
+        raise
+    except Exception:
+        kind = "failed"
+        raise
+    finally:
+        deps.metrics.tool_call(tool, time.perf_counter() - started, kind)
 
 
 def _admitted(deps: MemoryDeps, request: ToolCallRequested, tool: str, model: type[A]) -> A:

@@ -68,11 +68,12 @@ def of(seen: list[Seen], kind: type[E], topic: str) -> list[E]:
 
 
 def executed_tool_calls(seen: list[Seen], topics: Topics) -> list[AuditRecorded]:
-    """Calls the tools executor ran (not the memory service's kb_search, not a replay), per its audit."""
-    sent_to_executor = {r.call_id for r in of(seen, ToolCallRequested, topics.tools)}
+    """Tool calls that ran, per their audit: on the tools executor, and the memory tools (kb_search)
+    on the memory service; not the ones a stored result answered."""
+    sent = {r.call_id for r in of(seen, ToolCallRequested, topics.tools) + of(seen, ToolCallRequested, topics.memory)}
     return [
         a for a in of(seen, AuditRecorded, topics.audit)
-        if a.action == TOOL_EXECUTED and a.subject in sent_to_executor and not a.detail.get("replayed")
+        if a.action == TOOL_EXECUTED and a.subject in sent and not a.detail.get("replayed")
     ]
 
 
@@ -141,7 +142,7 @@ async def test_the_endpoint_serves_steps_llm_usage_tool_latency_and_dead_letters
 
     # Tools: one latency observation per call the executor ran; every breaker closed.
     executed = executed_tool_calls(seen, t)
-    assert {a.detail["tool"] for a in executed} >= {"calculator", "save_note"}
+    assert {a.detail["tool"] for a in executed} >= {"calculator", "save_note", "kb_search"}
     for tool in {a.detail["tool"] for a in executed}:
         runs = len([a for a in executed if a.detail["tool"] == tool])
         assert total(samples, "switchboard_tool_seconds_count", tool=str(tool)) == runs, tool

@@ -98,6 +98,7 @@ async def test_every_message_of_a_goal_carries_the_goal_s_trace_and_the_spans_fo
     names = Counter(s.name for s in spans)
     assert names["invoke_agent researcher"] > 0 and names["invoke_agent writer"] > 0
     assert names["execute_tool calculator"] > 0
+    assert names["execute_tool kb_search"] > 0  # a memory tool, run on the memory service
     records = [s.event for s in seen if isinstance(s.event, LLMCallRecorded) and s.topic == t.llm_calls]
     chats = [s for s in spans if s.name == "chat offline/default"]
     assert len(chats) == len(records) > 0

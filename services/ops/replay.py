@@ -104,7 +104,9 @@ class GoalRecord:
 
     def _diverged(self, what: str) -> Permanent:
         self.diverged.append(what)
-        return Permanent(f"replay diverged at {what}: the record holds no (further) answer for it")
+        return Permanent(
+            f"replay diverged at {what}: the record holds no (further) answer for it", reason="replay_diverged"
+        )
 
     def model_response(
         self, purpose: str, agent: str, goal_id: str, step_id: str | None, messages: list[dict[str, Any]]

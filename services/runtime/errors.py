@@ -18,6 +18,7 @@ DeadLetterReason = Literal[
     "retries_exhausted",
     "deadline_exceeded",
     "approval_denied",
+    "replay_diverged",
 ]
 
 

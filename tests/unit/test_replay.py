@@ -101,6 +101,9 @@ def test_a_call_the_record_does_not_hold_is_a_divergence() -> None:
     with pytest.raises(Permanent, match=f"replay diverged at model call plan orchestrator {GOAL}"):
         record.model_response("plan", "orchestrator", GOAL, None, [])  # the record planned once
     assert record.diverged == [f"model call step researcher {TASK}:2", f"model call plan orchestrator {GOAL}"]
+    with pytest.raises(Permanent) as raised:
+        record.model_response("step", "researcher", GOAL, f"{TASK}:2", [])
+    assert raised.value.reason == "replay_diverged"  # its own dead-letter reason, not a tool failure
 
 
 async def test_the_gateway_answers_from_the_record_with_its_content_tool_calls_tokens_and_cost() -> None:

@@ -54,6 +54,48 @@ class GoalReopened(Envelope):
     requested_by: str
 
 
+GoalStateName = Literal[
+    "submitted", "planning", "running", "paused", "waiting_for_human", "completed", "failed", "cancelled"
+]
+"""The states of a goal; services/orchestrator/lifecycle.py holds the transitions between them."""
+
+LifecycleAction = Literal["cancel", "pause", "resume"]
+
+
+class GoalLifecycleRequested(Envelope):
+    """Someone asks the orchestrator to cancel, pause or resume a goal (goals topic).
+
+    It answers on the progress topic with GoalStateChanged, or GoalLifecycleRejected when the goal's
+    state does not allow it."""
+
+    event_type: Literal["goal.lifecycle_requested"] = "goal.lifecycle_requested"
+    action: LifecycleAction
+    requested_by: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=2_000)
+
+
+class GoalStateChanged(Envelope):
+    """A lifecycle request took effect: the goal moved from one state to another (progress topic)."""
+
+    event_type: Literal["goal.state_changed"] = "goal.state_changed"
+    from_state: GoalStateName
+    to_state: GoalStateName
+    action: LifecycleAction
+    requested_by: str
+    reason: str = ""
+
+
+class GoalLifecycleRejected(Envelope):
+    """A lifecycle request the goal's state does not allow (or for an unknown goal); nothing changed."""
+
+    event_type: Literal["goal.lifecycle_rejected"] = "goal.lifecycle_rejected"
+    action: LifecycleAction
+    state: GoalStateName | None
+    """The goal's state when the request arrived; None for a goal the orchestrator does not know."""
+    requested_by: str
+    detail: str
+
+
 class WorkDeadLettered(Envelope):
     """Told to the orchestrator when a goal's message went to a dead-letter topic: the goal fails."""
 
@@ -88,7 +130,8 @@ class TaskAssigned(Envelope):
     inputs: dict[str, str] = Field(default_factory=dict)
     """Results of the tasks this one depends on, by planned task id."""
     resume: bool = False
-    """Sent again when a failed goal is reopened: a task cancelled mid-way continues from its checkpoint."""
+    """Sent again when a failed goal is reopened or a paused one resumed: a task stopped mid-way
+    continues from its checkpoint."""
 
 
 class TaskCompleted(Envelope):
@@ -223,6 +266,9 @@ Event = Annotated[
     | GoalCompleted
     | GoalFailed
     | GoalReopened
+    | GoalLifecycleRequested
+    | GoalStateChanged
+    | GoalLifecycleRejected
     | WorkDeadLettered
     | AuditRecorded
     | TaskAssigned
@@ -244,6 +290,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
     cls.model_fields["event_type"].default
     for cls in (
         GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalReopened, WorkDeadLettered, AuditRecorded,
+        GoalLifecycleRequested, GoalStateChanged, GoalLifecycleRejected,
         TaskAssigned, TaskCompleted, TaskFailed,
         ToolCallRequested, ToolCallCompleted, ApprovalRequested, ApprovalDecided,
         MemoryRecallRequested, MemoryRecallCompleted, LLMCallRecorded,

@@ -1,6 +1,7 @@
 """The `switchboard` command line: run a goal in this process, serve a role on Kafka, submit a goal.
 The `dlq` commands are in services/ops/dlq_cli.py, `audit` in services/ops/audit_cli.py, and
-`approvals`, `approve` and `deny` in services/ops/approvals_cli.py."""
+`approvals`, `approve` and `deny` in services/ops/approvals_cli.py, and `goal cancel|pause|resume|status`
+in services/ops/lifecycle_cli.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.ops.approvals_cli import approvals_app, approve, deny, list_approv
 from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
 from services.ops.lag_cli import lag
+from services.ops.lifecycle_cli import cancel, pause, resume, status
 from services.ops.prompts_cli import prompts
 from services.ops.replay_cli import replay
 from services.ops.top_cli import top
@@ -55,6 +57,10 @@ app.add_typer(approvals_app, name="approvals")
 command(approvals_app, "list")(list_approvals)
 command(app, "approve")(approve)
 command(app, "deny")(deny)
+command(goal_app, "cancel")(cancel)
+command(goal_app, "pause")(pause)
+command(goal_app, "resume")(resume)
+command(goal_app, "status")(status)
 
 
 class Role(str, Enum):
@@ -249,7 +255,7 @@ def submit(
 ) -> None:
     """Publish a goal to Kafka. Prints its id; with --follow, its progress and final answer.
 
-    With --follow, exits 0 when the goal completes, 1 when it fails, 2 on timeout.
+    With --follow, exits 0 when the goal completes, 1 when it fails or is cancelled, 2 on timeout.
     """
     budget = budget_limits(max_steps, max_tokens, max_cost, max_tool_calls, deadline)
     settings = Settings()
@@ -274,7 +280,7 @@ def submit(
                 async with asyncio.timeout(timeout):
                     async for shown in goal_events(consumer, event.goal_id):
                         view.show(shown)
-                        if view.outcome is not None:
+                        if view.outcome is not None or view.cancelled:
                             break
             except TimeoutError:
                 err.print(f"[red]goal {event.goal_id} did not finish within {timeout:.0f}s[/]")

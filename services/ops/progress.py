@@ -12,8 +12,10 @@ from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
     GoalFailed,
+    GoalLifecycleRejected,
     GoalPlanned,
     GoalReopened,
+    GoalStateChanged,
     GoalSubmitted,
     LLMCallRecorded,
     MemoryRecallCompleted,
@@ -38,6 +40,7 @@ class ProgressView:
         self.goal_id = goal_id
         self.seen: set[str] = set()
         self.outcome: GoalCompleted | GoalFailed | None = None
+        self.cancelled = False
         self.llm_calls = 0
         self.tokens = 0
 
@@ -51,6 +54,8 @@ class ProgressView:
         if isinstance(event, GoalCompleted | GoalFailed):
             self.outcome = event
             self._finish(event)
+        if isinstance(event, GoalStateChanged) and event.to_state == "cancelled":
+            self.cancelled = True
 
     def _line(self, event: Envelope) -> str | Table | None:
         match event:
@@ -73,6 +78,13 @@ class ProgressView:
                 )
             case GoalReopened():
                 return f"[cyan]↻ goal reopened[/] ({escape(event.reason)}, by {escape(event.requested_by)})"
+            case GoalStateChanged():
+                why = f": {escape(event.reason)}" if event.reason else ""
+                return (
+                    f"[cyan]■ goal {event.to_state}[/] (was {event.from_state}, by {escape(event.requested_by)}){why}"
+                )
+            case GoalLifecycleRejected():
+                return f"[yellow]! {event.action} rejected[/]: {escape(event.detail)}"
             case TaskAssigned():
                 return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]"
             case MemoryRecallRequested():

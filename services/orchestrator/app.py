@@ -7,6 +7,7 @@ from typing import Any
 
 from memory.state import VersionedStore
 from schemas.events import (
+    GoalLifecycleRequested,
     GoalReopened,
     GoalSubmitted,
     TaskCompleted,
@@ -49,6 +50,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                     TaskFailed: record_result,
                     WorkDeadLettered: on(partial(logic.fail_on_dead_letter, deps)),
                     GoalReopened: on(partial(logic.reopen, deps)),
+                    GoalLifecycleRequested: on(partial(logic.change_lifecycle, deps)),
                 },
             )
         ]

@@ -2,7 +2,9 @@
 
 It also ends goals: a failed task, or any of the goal's work sent to a dead-letter topic, fails
 the goal and stops it, so that every other task of the goal stops at its next step. A redrive
-reopens the goal, and its stopped tasks continue from their checkpoints.
+reopens the goal, and its stopped tasks continue from their checkpoints. Cancel, pause and
+resume requests stop a goal, or let it run on, the same way. Every change of a goal's status goes
+through the state machine in lifecycle.py.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from memory.keys import RedisKeys
+from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
     GoalFailed,
+    GoalLifecycleRejected,
+    GoalLifecycleRequested,
     GoalPlanned,
     GoalReopened,
+    GoalStateChanged,
+    GoalStateName,
     GoalSubmitted,
     TaskAssigned,
     TaskCompleted,
@@ -27,6 +34,7 @@ from schemas.events import (
 )
 from schemas.plan import Plan, PlannedTask
 from schemas.topics import Topics
+from services.orchestrator.lifecycle import IllegalTransition, requested, transition
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
@@ -50,7 +58,8 @@ class TaskRecord(BaseModel):
 
 class GoalState(Ledgered):
     goal: GoalSubmitted
-    status: Literal["running", "completed", "failed"] = "running"
+    status: GoalStateName = "running"
+    """Stored documents from before the state machine hold running, completed or failed: all still states."""
     plan: Plan | None = None
     tasks: dict[str, TaskRecord] = {}
 
@@ -130,7 +139,9 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
         try:
             limits = deps.budget.limits_for(goal.tenant, goal.budget)
         except ValueError as exc:
-            return GoalState(goal=goal, status="failed"), [failed_goal(deps, goal, "budget_policy", str(exc))]
+            failed = GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "failed"))
+            return failed, [failed_goal(deps, goal, "budget_policy", str(exc))]
+        status = transition(goal.goal_id, "submitted", "planning")
         await deps.budget.open(goal.tenant, goal.goal_id, limits, goal.ts)
         outputs: list[Outgoing] = []
         planner = deps.prompts.for_goal(PLANNER, goal.goal_id)
@@ -153,6 +164,7 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
                 continue
             state = GoalState(
                 goal=goal,
+                status=transition(goal.goal_id, status, "running"),
                 plan=plan,
                 tasks={
                     t.id: TaskRecord(planned=t, task_id=task_id_for(goal.goal_id, t.id)) for t in plan.tasks
@@ -170,7 +182,7 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
             )
             outputs += [assign(state, t, deps.topics, goal) for t in ready_tasks(state)]
             return state, outputs
-        failed = GoalState(goal=goal, status="failed")
+        failed = GoalState(goal=goal, status=transition(goal.goal_id, status, "failed"))
         detail = f"no valid plan after {deps.max_plan_attempts} attempts: {error}"
         return failed, outputs + [failed_goal(deps, goal, "invalid_plan", detail)]
 
@@ -179,29 +191,40 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
 
 async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | TaskFailed) -> list[Outgoing]:
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
-        if state is None or state.status != "running":
+        if state is None or state.status not in ("running", "paused", "cancelled"):
             return None, []  # unknown goal, or it ended already: nothing to do
         record = next((t for t in state.tasks.values() if t.task_id == event.task_id), None)
         if record is None or record.status in ("completed", "failed"):
             return None, []
         if isinstance(event, TaskFailed):
             record.status = "failed"
-            state.status = "failed"
+            if state.status == "cancelled":
+                return state, []  # the call in flight at the cancel failed: recorded, nothing follows
+            state.status = transition(event.goal_id, state.status, "failed")
             await deps.budget.stop(event.tenant, event.goal_id, f"task {record.planned.id} failed")
             detail = f"task {record.planned.id} ({event.kind}) failed: {event.detail}"
             return state, [failed_goal(deps, event, f"task_failed:{event.reason}", detail)]
         record.status = "completed"
         record.result = event.result
-        outputs = [assign(state, t, deps.topics, event) for t in ready_tasks(state)]
-        if all(t.status == "completed" for t in state.tasks.values()):
-            outputs += await finish(deps, state, event)
-        return state, outputs
+        if state.status != "running":
+            # Finished by a call in flight at the pause or cancel: the result is kept, and starts
+            # nothing now (a resume starts what it lets start).
+            return state, []
+        return state, await advance(deps, state, event)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)
     return await deps.ledger.apply(key, event.event_id, step)
 
 
-async def finish(deps: OrchestratorDeps, state: GoalState, cause: TaskCompleted) -> list[Outgoing]:
+async def advance(deps: OrchestratorDeps, state: GoalState, cause: Envelope) -> list[Outgoing]:
+    """Start the tasks whose inputs are all in; when every task has completed, the answer."""
+    outputs = [assign(state, t, deps.topics, cause) for t in ready_tasks(state)]
+    if all(t.status == "completed" for t in state.tasks.values()):
+        outputs += await finish(deps, state, cause)
+    return outputs
+
+
+async def finish(deps: OrchestratorDeps, state: GoalState, cause: Envelope) -> list[Outgoing]:
     assert state.plan is not None
     sinks = sink_tasks(state.plan)
     if len(sinks) == 1:
@@ -218,7 +241,7 @@ async def finish(deps: OrchestratorDeps, state: GoalState, cause: TaskCompleted)
         model=deps.model, prompt=editor, messages=messages, purpose="answer",
         agent="orchestrator", cause=origin,
     )
-    state.status = "completed"
+    state.status = transition(state.goal.goal_id, state.status, "completed")
     done = GoalCompleted(
         **origin.caused(),
         answer=completion.content or results,
@@ -240,9 +263,9 @@ async def fail_on_dead_letter(deps: OrchestratorDeps, event: WorkDeadLettered) -
             # The goal never got a state (its submission itself failed): still tell the submitter.
             await deps.budget.stop(event.tenant, event.goal_id, event.reason)
             return None, [failed_goal(deps, event, event.reason, detail, event.figures)]
-        if state.status != "running":
+        if state.status not in ("running", "paused", "waiting_for_human"):
             return None, []
-        state.status = "failed"
+        state.status = transition(event.goal_id, state.status, "failed")
         await deps.budget.stop(event.tenant, event.goal_id, event.reason)
         return state, [failed_goal(deps, event, event.reason, detail, event.figures)]
 
@@ -256,6 +279,10 @@ async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
     still running ignores it). A task that failed outright cannot be redriven, so neither can its goal."""
 
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is not None and state.status in ("paused", "cancelled"):
+            # The redrive cleared the budget's stop flag; a paused or cancelled goal stays stopped.
+            await deps.budget.stop(event.tenant, event.goal_id, state.status)
+            return None, []
         if state is None or state.status != "failed" or state.plan is None:
             return None, []
         failed = [pid for pid, t in state.tasks.items() if t.status == "failed"]
@@ -264,10 +291,57 @@ async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
             log.warning("goal %s not reopened: task %s failed outright", event.goal_id, failed[0])
             await deps.budget.stop(event.tenant, event.goal_id, f"task {failed[0]} failed")
             return None, []
-        state.status = "running"
-        await deps.budget.reopen(event.tenant, event.goal_id)
-        resumed = [t for t in state.tasks.values() if t.status == "assigned"]
-        return state, [assign(state, t, deps.topics, event, resume=True) for t in resumed]
+        state.status = transition(event.goal_id, state.status, "running")
+        return state, await resume_tasks(deps, state, event)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)
     return await deps.ledger.apply(key, event.event_id, step)
+
+
+async def resume_tasks(deps: OrchestratorDeps, state: GoalState, cause: Envelope) -> list[Outgoing]:
+    """Let the stopped goal run again: its budget admits calls, and its tasks that were assigned
+    are sent again, marked `resume`. A task parked by the stop continues from its checkpoint; one
+    still running ignores it; one that ended meanwhile sends its result again."""
+    await deps.budget.reopen(cause.tenant, state.goal.goal_id)
+    resumed = [t for t in state.tasks.values() if t.status == "assigned"]
+    return [assign(state, t, deps.topics, cause, resume=True) for t in resumed]
+
+
+async def change_lifecycle(deps: OrchestratorDeps, event: GoalLifecycleRequested) -> list[Outgoing]:
+    """Cancel, pause or resume a goal. Cancel and pause stop its budget, so every task of it parks
+    at its next model call on every replica (calls in flight finish, and their results are kept);
+    resume lets it run on from the checkpoints. A request its state does not allow changes
+    nothing: it is answered with GoalLifecycleRejected."""
+
+    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is None:
+            return None, [rejected(deps, event, None, f"goal {event.goal_id} is unknown (tenant {event.tenant})")]
+        before = state.status
+        try:
+            state.status = requested(event.goal_id, before, event.action)
+        except IllegalTransition as exc:
+            log.info("%s of goal %s rejected: %s", event.action, event.goal_id, exc)
+            state.status = before
+            return state, [rejected(deps, event, before, str(exc))]
+        changed = GoalStateChanged(
+            **event.caused(task_id=None), from_state=before, to_state=state.status, action=event.action,
+            requested_by=event.requested_by, reason=event.reason,
+        )
+        outputs = [Outgoing(deps.topics.progress, changed, event.goal_id)]
+        if state.status == "running":
+            outputs += await resume_tasks(deps, state, event)
+            outputs += await advance(deps, state, event)  # results that came in while it was paused
+        else:
+            await deps.budget.stop(event.tenant, event.goal_id, state.status)
+        log.info("goal %s is %s (was %s), by %s", event.goal_id, state.status, before, event.requested_by)
+        return state, outputs
+
+    key = deps.keys.goal_state(event.tenant, event.goal_id)
+    return await deps.ledger.apply(key, event.event_id, step)
+
+
+def rejected(deps: OrchestratorDeps, event: GoalLifecycleRequested, state: GoalStateName | None, detail: str) -> Outgoing:
+    answer = GoalLifecycleRejected(
+        **event.caused(task_id=None), action=event.action, state=state, requested_by=event.requested_by, detail=detail,
+    )
+    return Outgoing(deps.topics.progress, answer, event.goal_id)

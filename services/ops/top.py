@@ -9,7 +9,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from schemas.envelope import Envelope
-from schemas.events import GoalCompleted, GoalFailed, GoalPlanned, GoalReopened, GoalSubmitted, LLMCallRecorded
+from schemas.events import (
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalReopened,
+    GoalStateChanged,
+    GoalSubmitted,
+    LLMCallRecorded,
+)
 from services.ops.dlq import DeadLetter
 
 BUDGET_REASONS = frozenset({"budget_exceeded", "deadline_exceeded", "budget_policy"})
@@ -119,6 +127,8 @@ class TopStats:
             case GoalCompleted():
                 self._finish(item.goal_id)
                 self.goals_completed += 1
+            case GoalStateChanged(to_state="cancelled"):
+                self._finish(item.goal_id)  # cancelled: no longer in flight (a paused goal still is)
             case GoalFailed():
                 self._finish(item.goal_id)
                 self.goals_failed += 1

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.events import GoalCompleted, GoalFailed, GoalPlanned, GoalReopened, GoalSubmitted, LLMCallRecorded
+from schemas.events import (
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalReopened,
+    GoalStateChanged,
+    GoalSubmitted,
+    LLMCallRecorded,
+)
 from schemas.plan import Plan, PlannedTask
 from services.ops.dlq import DeadLetter
 from services.ops.top import TopStats
@@ -64,6 +72,17 @@ def test_goals_are_in_flight_from_submission_or_plan_until_their_end_in_whatever
 
     stats.observe(GoalReopened(tenant="acme", goal_id="g-1", reason="redrive", requested_by="me"), now=6)
     assert stats.snapshot(now=7).goals_in_flight == 2
+
+    # A paused goal is still in flight; a cancelled one is not.
+    def moved(goal_id: str, to: str, action: str) -> GoalStateChanged:
+        return GoalStateChanged(
+            tenant="acme", goal_id=goal_id, from_state="running", to_state=to, action=action, requested_by="me"
+        )
+
+    stats.observe(moved("g-1", "paused", "pause"), now=8)
+    assert stats.snapshot(now=9).goals_in_flight == 2
+    stats.observe(moved("g-1", "cancelled", "cancel"), now=10)
+    assert stats.snapshot(now=11).goals_in_flight == 1
 
 
 def test_budget_burn_is_cost_per_minute_per_tenant_and_failures_on_a_budget() -> None:

@@ -254,6 +254,13 @@ class LLMCallRecorded(Envelope):
     full_history_tokens: int | None = None
     """What the naive context would have cost: the task, its whole uncompressed scratchpad and
     every recalled memory, with nothing summarised or left out."""
+    cache_hit: bool = False
+    """Answered from the response cache: no model was called, and `input_tokens`, `output_tokens`
+    and `cost_usd` (what was paid now) are 0."""
+    saved_tokens: int = 0
+    """On a cache hit, the tokens the cached response took when it was first paid for."""
+    saved_cost_usd: float = 0.0
+    """On a cache hit, what the cached response cost when it was first paid for."""
     findings: list[str] = Field(default_factory=list)
     """Injection markers found in the untrusted data this call saw first (tool output, memories,
     earlier tasks' results), e.g. `tool:calculator: instruction-like text 'you are now'`. They are

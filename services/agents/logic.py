@@ -242,7 +242,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
             model=deps.model, prompt=prompt, messages=context.messages,
             purpose="step", agent=deps.kind.name, cause=cause, tools=tools or None, step_id=step_id,
             findings=cp.findings + new, context_tokens=context.tokens,
-            full_history_tokens=context.full_history_tokens,
+            full_history_tokens=context.full_history_tokens, cache=deps.kind.cache,
         )
         cp.findings = []
         cp.reported += new

@@ -22,6 +22,9 @@ class AgentKind(BaseModel):
     prompt: str
     model: str = "offline/default"
     tools: tuple[str, ...] = ()
+    cache: bool = False
+    """Answer this kind's model calls from the response cache when the same model, messages, tools
+    and prompt version were answered before (services/runtime/llm.py). Off by default."""
 
     @field_validator("tools")
     @classmethod

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import fakeredis
 from faststream import FastStream
+from litellm.caching.caching import Cache
 from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -30,7 +31,7 @@ from services.runtime.errors import ConfigurationError
 from services.runtime.inprocess_bus import InProcessBus
 from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker
 from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
-from services.runtime.llm import LLMGateway, RecordedResponses
+from services.runtime.llm import LLMGateway, RecordedResponses, response_cache
 from services.runtime.metrics import Metrics
 from services.runtime.offline_model import Script
 from services.runtime.pipeline import MessagePipeline, RetryPolicy
@@ -128,8 +129,16 @@ class Runtime:
                 budget=self.budget, output_estimate_tokens=self.settings.budget.output_estimate_tokens,
                 metrics=self.metrics, tracing=self.tracing,
                 recorded=self.replay if self.replay is not None and not self.replay.what_if else None,
+                cache=self._response_cache(),
             )
         return self._llm
+
+    def _response_cache(self) -> Cache | None:
+        """LiteLLM's response cache, when an agent kind switches caching on: on the platform's Redis,
+        in process in the embedded mode. None in a replay, which answers from the record instead."""
+        if self.replay is not None or not any(k.cache for k in self.catalogue.kinds.values()):
+            return None
+        return response_cache(self.settings.redis.url, self.settings.platform.namespace, self.settings.llm.cache_ttl_s)
 
     @property
     def embedded(self) -> bool:

@@ -4,6 +4,12 @@ LiteLLM's own retries are off; the platform's retry path owns retries. The offli
 registered as a LiteLLM custom provider, so it takes the same path as a real model. Each call is a
 `chat {model}` span with its token usage (services/runtime/tracing.py). In a deterministic replay
 (`switchboard replay`) a goal's record answers every call instead, and no model is called.
+
+Response caching, for the agent kinds that switch it on (`cache = true`), uses LiteLLM's `Cache`:
+on the platform's Redis, or in process in the embedded mode (`response_cache`). The gateway looks
+the call up itself, under LiteLLM's key of model, messages, tools and response format, namespaced by
+the deployment namespace and the prompt version, so that a hit is known for certain, costs nothing,
+and is recorded with what it saved.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import litellm
 from litellm import ModelResponse
+from litellm.caching.caching import Cache
 from litellm.router import Router
+from litellm.types.caching import LiteLLMCacheType
 
 from schemas.envelope import Envelope
 from schemas.events import LLMCallRecorded
@@ -79,6 +87,17 @@ class RecordedResponses(Protocol):
         ...
 
 
+def response_cache(redis_url: str | None, namespace: str, ttl_s: int = 86_400) -> Cache:
+    """LiteLLM's response cache: on Redis at `redis_url`, its keys under
+    `<namespace>:llm-cache:<prompt version>:`; None (the embedded mode) keeps it in this process's
+    memory, gone when the process ends. Entries expire after `ttl_s`. `max_messages=None`: LiteLLM
+    would otherwise skip every request of more than 4 messages, i.e. most agent steps."""
+    common: dict[str, Any] = {"namespace": f"{namespace}:llm-cache", "ttl": ttl_s, "max_messages": None}
+    if redis_url:
+        return Cache(type=LiteLLMCacheType.REDIS, url=redis_url, **common)
+    return Cache(type=LiteLLMCacheType.LOCAL, **common)
+
+
 def _is_offline(model: str) -> bool:
     return model.split("/", 1)[0] == PROVIDER
 
@@ -107,12 +126,16 @@ class LLMGateway:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         recorded: RecordedResponses | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self.settings = settings
         self.recorded = recorded
         """When set (a deterministic replay), every call is answered from it and no model is called."""
         self.model_calls = 0
-        """Calls made to a model through LiteLLM (not those answered from a record)."""
+        """Calls made to a model through LiteLLM (not those answered from a record or the cache)."""
+        self.cache = cache
+        """LiteLLM's response cache (`response_cache`); calls made with `cache=True` use it. None: no
+        call is cached."""
         self.tracing = tracing or Tracing.local()
         self.metrics = metrics or Metrics()
         """Counts every call that returned, with its tokens and cost, by model and agent."""
@@ -155,8 +178,12 @@ class LLMGateway:
         findings: list[str] | None = None,
         context_tokens: int | None = None,
         full_history_tokens: int | None = None,
+        cache: bool = False,
     ) -> Completion:
-        """`findings`: injection markers in the untrusted data new to this call, for its record.
+        """`cache`: answer from the response cache when this model, messages, tools and prompt version
+        were answered before, and store a new answer there (when the gateway has a cache, and not in
+        a replay). A hit calls no model and costs nothing.
+        `findings`: injection markers in the untrusted data new to this call, for its record.
         `context_tokens` and `full_history_tokens`: the caller's estimate of `messages` and of the
         uncompressed context it was assembled from, recorded to show what the assembly saved."""
         if self.recorded is None and not _is_offline(model) and not self.allow_real_models:
@@ -180,15 +207,30 @@ class LLMGateway:
                 wait_s=self.settings.timeout_s,
             )
         prompt_version = f"{prompt.name}.{prompt.version}"
+        cache_key: str | None = None
+        if cache and self.cache is not None and self.recorded is None:
+            # LiteLLM's key (model, messages, tools, response format), namespaced by the prompt
+            # version: the same messages under another prompt version are another entry.
+            cache_key = self.cache.get_cache_key(
+                **{k: v for k, v in kwargs.items() if k not in ("metadata", "timeout")},
+                cache={"namespace": f"{self.cache.namespace}:{prompt_version}"},
+            )
         with self.tracing.chat(
             model, provider_name(model), agent=agent, purpose=purpose, prompt_version=prompt_version, messages=messages
         ) as span:
             started = time.perf_counter()
             past: LLMCallRecorded | None = None
+            cached: dict[str, Any] | None = None
             try:
-                if self.recorded is not None:
+                if cache_key is not None:
+                    cached = await self._cached(cache_key)
+                if cached is not None:
+                    response = _response_of(
+                        model, cached["response"], int(cached["input_tokens"]), int(cached["output_tokens"])
+                    )
+                elif self.recorded is not None:
                     past = self.recorded.model_response(purpose, agent, cause.goal_id, step_id, messages)
-                    response = _response_of(past)
+                    response = _response_of(past.model, past.response, past.input_tokens, past.output_tokens)
                 else:
                     self.model_calls += 1
                     response = await self.router.acompletion(**kwargs)
@@ -214,10 +256,20 @@ class LLMGateway:
             usage = getattr(response, "usage", None)
             input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
             output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            cost = past.cost_usd if past is not None else self._cost(model, response, input_tokens, output_tokens)
+            if past is not None:
+                cost = past.cost_usd
+            elif cached is not None:
+                cost = 0.0
+            else:
+                cost = self._cost(model, response, input_tokens, output_tokens)
+            saved_tokens, saved_cost = 0, 0.0
+            if cached is not None:  # what was paid now is nothing; what it saved, what it cost then
+                saved_tokens, saved_cost = input_tokens + output_tokens, float(cached["cost_usd"])
+                input_tokens = output_tokens = 0
             self.tracing.chat_completed(span, response, assistant, input_tokens, output_tokens, cost)
         if ledger is not None and reservation is not None:
-            await ledger.settle(reservation, input_tokens + output_tokens, cost)
+            # A cache hit made no call: its reservation is given back and nothing is counted.
+            await ledger.settle(reservation, input_tokens + output_tokens, cost, made=cached is None)
         record = LLMCallRecorded(
             **cause.caused(),
             purpose=purpose,
@@ -236,9 +288,24 @@ class LLMGateway:
             findings=list(findings or []),
             context_tokens=context_tokens,
             full_history_tokens=full_history_tokens,
+            cache_hit=cached is not None,
+            saved_tokens=saved_tokens,
+            saved_cost_usd=saved_cost,
         )
+        if cache_key is not None and cached is None and self.cache is not None:
+            entry = {"response": assistant, "input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost}
+            await self.cache.async_add_cache(json.dumps(entry), cache_key=cache_key)
         self.metrics.llm_call(record)
         return Completion(choice.content, tool_calls, assistant, record)
+
+    async def _cached(self, key: str) -> dict[str, Any] | None:
+        """The entry stored under `key`, or None. LiteLLM's lookup never raises: a cache it cannot
+        reach is a miss (and the call is made)."""
+        assert self.cache is not None
+        entry = await self.cache.async_get_cache(cache_key=key)
+        if entry is None:
+            return None
+        return entry if isinstance(entry, dict) else json.loads(entry)
 
     def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:
         """What a call of this size would cost: the reservation a budget holds while it runs."""
@@ -262,15 +329,15 @@ class LLMGateway:
             return 0.0
 
 
-def _response_of(past: LLMCallRecorded) -> ModelResponse:
-    """A recorded call's answer as LiteLLM returns one, so it takes the same path as a live answer:
-    the same content, tool calls (with their ids) and token counts."""
-    finish = "tool_calls" if past.response.get("tool_calls") else "stop"
+def _response_of(model: str, message: dict[str, Any], input_tokens: int, output_tokens: int) -> ModelResponse:
+    """A recorded or cached answer as LiteLLM returns one, so it takes the same path as a live
+    answer: the same content, tool calls (with their ids) and token counts."""
+    finish = "tool_calls" if message.get("tool_calls") else "stop"
     return ModelResponse(
-        model=past.model,
-        choices=[{"index": 0, "message": past.response, "finish_reason": finish}],
+        model=model,
+        choices=[{"index": 0, "message": message, "finish_reason": finish}],
         usage={
-            "prompt_tokens": past.input_tokens, "completion_tokens": past.output_tokens,
-            "total_tokens": past.input_tokens + past.output_tokens,
+            "prompt_tokens": input_tokens, "completion_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
         },
     )

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, ClassVar, Literal, Protocol
 
 import litellm
@@ -102,8 +103,10 @@ def _is_offline(model: str) -> bool:
     return model.split("/", 1)[0] == PROVIDER
 
 
+@cache
 def provider_name(model: str) -> str:
-    """`gen_ai.provider.name` of a LiteLLM model string; the offline model's is `offline`."""
+    """`gen_ai.provider.name` of a LiteLLM model string; the offline model's is `offline`. Cached:
+    it is asked on every model call, for the handful of models a deployment uses."""
     try:
         provider: str = litellm.get_llm_provider(model)[1]
     except (litellm.exceptions.BadRequestError, ValueError):  # a model LiteLLM cannot place

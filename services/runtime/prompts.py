@@ -8,7 +8,6 @@ goals, chosen by a stable hash of the goal id, and rolled back by configuration
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from services.runtime.catalogue import PACKAGED_PROMPTS
 from services.runtime.errors import ConfigurationError
-from services.runtime.settings import settings_config
+from services.runtime.settings import json_setting, settings_config
 
 _FILE = re.compile(r"^(?P<name>[a-z0-9_-]+)\.v(?P<version>\d+)(?P<draft>\.draft)?\.md$")
 _VERSION = re.compile(r"^v?(\d+)$")
@@ -112,12 +111,7 @@ class PromptSettings(BaseSettings):
     @field_validator("rollout", mode="before")
     @classmethod
     def _parse_rollout(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ValueError(f"not JSON: {exc}") from exc
-        return value
+        return json_setting(value, {})
 
     @classmethod
     def load(cls) -> PromptSettings:

@@ -21,6 +21,18 @@ def settings_config(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", env_ignore_empty=True)
 
 
+def json_setting(value: Any, empty: Any, name: str = "") -> Any:
+    """A JSON-valued setting as the environment gives it (text), parsed; empty text is `empty`.
+    The error says where the JSON breaks, never what it holds (some settings hold secrets)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else empty
+    except json.JSONDecodeError as exc:
+        named = f"{name} is " if name else ""
+        raise ValueError(f"{named}not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
 class PlatformSettings(BaseSettings):
     model_config = settings_config("SWITCHBOARD_")
 
@@ -128,9 +140,7 @@ class LLMSettings(BaseSettings):
     @field_validator("fallbacks", mode="before")
     @classmethod
     def _parse_fallbacks(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return json.loads(value) if value.strip() else []
-        return value
+        return json_setting(value, [])
 
 
 class TenantPolicy(BudgetLimits):
@@ -162,12 +172,7 @@ class BudgetSettings(BaseSettings):
     @field_validator("tenant_policies", mode="before")
     @classmethod
     def _parse_policies(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ConfigurationError(f"SWITCHBOARD_BUDGET_TENANT_POLICIES is not JSON: {exc}") from exc
-        return value
+        return json_setting(value, {}, "SWITCHBOARD_BUDGET_TENANT_POLICIES")
 
     @property
     def defaults(self) -> BudgetLimits:

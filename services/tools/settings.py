@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -18,20 +17,9 @@ from pydantic_settings import BaseSettings, NoDecode
 
 from schemas.tools import TOOL_SPECS
 from services.runtime.errors import ConfigurationError
-from services.runtime.settings import settings_config
+from services.runtime.settings import json_setting, settings_config
 
 EXECUTED_HERE = frozenset(name for name, spec in TOOL_SPECS.items() if spec.executor == "tools")
-
-
-def _json_object(value: object) -> object:
-    """A JSON setting's text, parsed; empty text is {}. The error says where the JSON breaks, never
-    what it holds (TOOLS_HTTP_HEADERS holds secrets)."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value) if value.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
 class ToolLimits(BaseModel):
@@ -129,7 +117,7 @@ class ToolsSettings(BaseSettings):
     @field_validator("http_headers", mode="before")
     @classmethod
     def _parse_headers(cls, value: object) -> object:
-        value = _json_object(value)
+        value = json_setting(value, {})
         if isinstance(value, dict):
             return {str(host).strip().lower(): headers for host, headers in value.items()}
         return value
@@ -141,7 +129,7 @@ class ToolsSettings(BaseSettings):
     @field_validator("limits", mode="before")
     @classmethod
     def _parse_limits(cls, value: object) -> object:
-        value = _json_object(value)
+        value = json_setting(value, {})
         if isinstance(value, dict):
             unknown = sorted(set(value) - EXECUTED_HERE)
             if unknown:

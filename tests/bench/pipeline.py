@@ -1,4 +1,5 @@
-"""`make bench`: per-step overhead, goal throughput and memory on the real local Kafka and Redis.
+"""`make bench`: per-step overhead, goal throughput, memory and the response cache's savings on the
+real local Kafka and Redis.
 
 Speed is measured here, never asserted in tests. Every number is printed beside a baseline
 measured in the same run on the same machine: a raw aiokafka consume -> produce -> commit hop.
@@ -23,10 +24,12 @@ from schemas.topics import Topics
 from services.runtime.host import ServiceSpec, Settings, kafka_app
 from services.runtime.kafka_bus import ensure_topics
 from services.runtime.settings import KafkaSettings, LLMSettings, PlatformSettings, QdrantSettings, RedisSettings
+from tests.bench import cache
 from tests.bench.throughput import STANDARD_GOAL, measure
-from tests.support.kafka import RawProducer, TopicWatch, unique
+from tests.support.kafka import RawProducer, TopicWatch, drop_namespace_topics, unique
 
 HOPS = int(os.environ.get("BENCH_HOPS", "300"))
+CACHE = os.environ.get("BENCH_CACHE", "1") != "0"  # BENCH_CACHE=0 skips the response-cache workload
 # BENCH_ONLY=0/256,500/256 limits the matrix to those (latency/in-flight) pairs, for a quick look.
 ONLY = {tuple(p.split("/")) for p in os.environ.get("BENCH_ONLY", "").split(",") if p}
 ONLY = {(lat, int(inf)) for lat, inf in ONLY}
@@ -112,6 +115,7 @@ async def raw_baseline(kafka: KafkaSettings, n: int) -> tuple[list[float], float
         for client in (echo, reader):
             await client.stop()
         await producer.stop()
+        await drop_namespace_topics(kafka, ns)
 
 
 def bench_settings(kafka: KafkaSettings, redis: str, data: Path, **llm: float) -> Settings:
@@ -125,7 +129,15 @@ def bench_settings(kafka: KafkaSettings, redis: str, data: Path, **llm: float) -
 
 
 async def platform_hops(settings: Settings, spec: ServiceSpec, n: int, request: Callable[[int, Topics], tuple[str, object]], reply: type) -> list[float]:
-    """Sequential hops through one platform service, measured the same way as the raw baseline."""
+    """Sequential hops through one platform service, measured the same way as the raw baseline; its
+    topics are deleted afterwards (the broker may be shared)."""
+    try:
+        return await _hops(settings, spec, n, request, reply)
+    finally:
+        await drop_namespace_topics(settings.kafka, settings.platform.namespace)
+
+
+async def _hops(settings: Settings, spec: ServiceSpec, n: int, request: Callable[[int, Topics], tuple[str, object]], reply: type) -> list[float]:
     t = Topics(settings.platform.namespace, ("researcher", "writer"))
     received: asyncio.Queue[int] = asyncio.Queue()
     async with TestApp(kafka_app([spec], settings)), TopicWatch(settings.kafka, t.work_topics()) as watch, RawProducer(settings.kafka) as send:
@@ -194,6 +206,7 @@ async def main() -> None:
                 continue
             console.print(f"[dim]{goals} standard goals, model {latency} ms, {in_flight} in flight, {replicas} replica(s)…[/]")
             runs.append(await measure(data / f"run-{n}", latency, in_flight, replicas, goals))
+        cached = await cache.measure_cache(data / "cache", console) if CACHE else None
 
     raw50, raw99 = percentile(raw, 0.5), percentile(raw, 0.99)
     table = Table(title="Switchboard on the local Kafka + Redis, offline model (one run, one machine)")
@@ -231,6 +244,9 @@ async def main() -> None:
         "produced -> commit. The standard goal is " + repr(STANDARD_GOAL) + ": 3 tasks, 2 tool calls each, 8 model "
         "calls in all (plan, 2 per task, answer). Replicas are `switchboard serve all` processes."
     )
+    if cached is not None:
+        console.print()
+        cache.report(console, *cached)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Goal throughput of whole replicas (`switchboard serve all` processes) under model latency.
 
-Each configuration gets its own namespace, so its own topics and consumer groups.
+Each configuration gets its own namespace, so its own topics and consumer groups; its topics and
+Redis keys are deleted afterwards (the broker may be shared).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from schemas.events import GoalCompleted, GoalSubmitted
 from schemas.topics import Topics
+from tests.bench.cache import clean_up
 from tests.support.deployment import make_deployment
 from tests.support.kafka import RawProducer, TopicWatch
 
@@ -73,3 +75,4 @@ async def measure(root: Path, latency: str, in_flight: int, replicas: int, goals
         return Throughput(latency, in_flight, replicas, goals, seconds, calls, rss)
     finally:
         d.stop()
+        await clean_up(d, d.env["REDIS_URL"])

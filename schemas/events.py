@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from schemas.budget import BudgetLimits
 from schemas.envelope import Envelope
@@ -21,6 +21,9 @@ class GoalSubmitted(Envelope):
     submitted_by: str = "cli"
     budget: BudgetLimits = Field(default_factory=BudgetLimits)
     """Lower limits than the tenant's policy, if the submitter wants them."""
+    goal_type: str | None = Field(default=None, max_length=64, pattern=r"^[a-z0-9_-]+$")
+    """A label naming the goal's type, which may declare a deterministic fallback or escalation to
+    a person when the agent path fails (services/orchestrator/goal_types.py)."""
 
 
 class GoalPlanned(Envelope):
@@ -32,10 +35,19 @@ class GoalPlanned(Envelope):
     """The limits the goal runs under: the submission's, the defaults, capped by the tenant policy."""
 
 
+AnswerPath = Literal["agent", "fallback", "human"]
+"""What produced a goal's answer: the agents, the goal type's deterministic fallback, or a person."""
+
+
 class GoalCompleted(Envelope):
     event_type: Literal["goal.completed"] = "goal.completed"
     answer: str = Field(max_length=MAX_TEXT)
     task_results: dict[str, str] = Field(default_factory=dict)
+    path: AnswerPath = "agent"
+    fallback: str | None = None
+    """With path `fallback`: the fallback that produced the answer."""
+    answered_by: str | None = None
+    """With path `human`: who answered."""
 
 
 class GoalFailed(Envelope):
@@ -59,7 +71,9 @@ GoalStateName = Literal[
 ]
 """The states of a goal; services/orchestrator/lifecycle.py holds the transitions between them."""
 
-LifecycleAction = Literal["cancel", "pause", "resume"]
+LifecycleRequest = Literal["cancel", "pause", "resume"]
+LifecycleAction = Literal["cancel", "pause", "resume", "answer"]
+"""A lifecycle request, or `answer`: a person's GoalAnswered to a goal waiting for one."""
 
 
 class GoalLifecycleRequested(Envelope):
@@ -69,7 +83,7 @@ class GoalLifecycleRequested(Envelope):
     state does not allow it."""
 
     event_type: Literal["goal.lifecycle_requested"] = "goal.lifecycle_requested"
-    action: LifecycleAction
+    action: LifecycleRequest
     requested_by: str = Field(min_length=1, max_length=200)
     reason: str = Field(default="", max_length=2_000)
 
@@ -94,6 +108,39 @@ class GoalLifecycleRejected(Envelope):
     """The goal's state when the request arrived; None for a goal the orchestrator does not know."""
     requested_by: str
     detail: str
+
+
+class GoalFallbackStarted(Envelope):
+    """The agent path failed and the goal type's deterministic fallback runs instead (progress topic)."""
+
+    event_type: Literal["goal.fallback_started"] = "goal.fallback_started"
+    fallback: str
+    reason: str
+    """Why the agent path failed: the reason the goal would otherwise have failed with."""
+    detail: str = ""
+
+
+class GoalEscalated(Envelope):
+    """The agent path failed with no fallback (or the fallback failed too), and the goal's type
+    escalates: it waits for a person, who answers it (GoalAnswered) or cancels it (progress topic)."""
+
+    event_type: Literal["goal.escalated"] = "goal.escalated"
+    reason: str
+    detail: str = ""
+    goal_text: str
+    task_results: dict[str, str] = Field(default_factory=dict)
+    """What the tasks that completed found before the failure: context for the person."""
+
+
+class GoalAnswered(Envelope):
+    """A person's answer to a goal waiting for one (goals topic): the goal completes with it.
+
+    Answered with GoalStateChanged, or GoalLifecycleRejected (action `answer`) when the goal is not
+    waiting for a person."""
+
+    event_type: Literal["goal.answered"] = "goal.answered"
+    answer: str = Field(min_length=1, max_length=MAX_TEXT)
+    answered_by: str = Field(min_length=1, max_length=200)
 
 
 class WorkDeadLettered(Envelope):
@@ -122,6 +169,20 @@ class AuditRecorded(Envelope):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+class Delegation(BaseModel):
+    """Which task delegated a subtask, and where its `delegate` call waits for the result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str = Field(min_length=1, max_length=256)
+    call_id: str = Field(min_length=1, max_length=300)
+    step_id: str = Field(min_length=1, max_length=300)
+    reply_to: str = Field(min_length=1, max_length=300)
+    """The delegating kind's inbox: the subtask's result goes there as a ToolCallCompleted."""
+    chain: tuple[str, ...] = Field(min_length=1, max_length=16)
+    """The kinds of the delegating tasks, from the planned task down to the one that delegated."""
+
+
 class TaskAssigned(Envelope):
     event_type: Literal["task.assigned"] = "task.assigned"
     kind: str
@@ -132,6 +193,18 @@ class TaskAssigned(Envelope):
     resume: bool = False
     """Sent again when a failed goal is reopened or a paused one resumed: a task stopped mid-way
     continues from its checkpoint."""
+    depth: int = Field(default=0, ge=0)
+    """0 for a task of the plan; a delegated subtask is one deeper than the task that delegated it."""
+    delegated_by: Delegation | None = None
+    """Set on a subtask another agent delegated (its `delegate` call): its result goes back to that
+    task as the call's result, not to the orchestrator."""
+
+    @model_validator(mode="after")
+    def _depth_matches_the_chain(self) -> TaskAssigned:
+        chain = len(self.delegated_by.chain) if self.delegated_by else 0
+        if self.depth != chain:
+            raise ValueError(f"depth {self.depth} does not match the delegation chain of {chain} task(s)")
+        return self
 
 
 class TaskCompleted(Envelope):
@@ -276,6 +349,9 @@ Event = Annotated[
     | GoalLifecycleRequested
     | GoalStateChanged
     | GoalLifecycleRejected
+    | GoalFallbackStarted
+    | GoalEscalated
+    | GoalAnswered
     | WorkDeadLettered
     | AuditRecorded
     | TaskAssigned
@@ -297,7 +373,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
     cls.model_fields["event_type"].default
     for cls in (
         GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalReopened, WorkDeadLettered, AuditRecorded,
-        GoalLifecycleRequested, GoalStateChanged, GoalLifecycleRejected,
+        GoalLifecycleRequested, GoalStateChanged, GoalLifecycleRejected, GoalFallbackStarted, GoalEscalated,
+        GoalAnswered,
         TaskAssigned, TaskCompleted, TaskFailed,
         ToolCallRequested, ToolCallCompleted, ApprovalRequested, ApprovalDecided,
         MemoryRecallRequested, MemoryRecallCompleted, LLMCallRecorded,

@@ -54,7 +54,27 @@ class RememberFactArgs(ToolArgs):
     fact: str = Field(min_length=1, max_length=2_000)
 
 
-Executor = Literal["tools", "memory"]
+class FallbackFunctionArgs(ToolArgs):
+    """What a function registered as a goal type's fallback is called with."""
+
+    goal_text: str = Field(min_length=1, max_length=8_000)
+    failure: str = Field(default="", max_length=4_000)
+    """Why the agent path failed."""
+
+
+class DelegateArgs(ToolArgs):
+    kind: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$", description="The agent kind to hand the subtask to")
+    instruction: str = Field(
+        min_length=1, max_length=8_000, description="The subtask, self-contained: the other agent sees only this"
+    )
+
+
+DELEGATE = "delegate"
+"""The tool an agent calls to hand a subtask to another agent kind (its kind's `delegates_to`)."""
+
+Executor = Literal["tools", "memory", "agent"]
+"""Where a tool runs: the tools executor, the memory service, or `agent`: the calling agent handles
+it itself (`delegate`), so it is never sent to an executor."""
 
 
 @dataclass(frozen=True)  # cached_property needs the instance __dict__ that frozen dataclasses keep
@@ -101,6 +121,19 @@ TOOL_SPECS: dict[str, ToolSpec] = {
             "Save a note (title and body) to the sandbox. Has a side effect.",
             SaveNoteArgs,
             side_effect=True,
+        ),
+        ToolSpec(
+            DELEGATE,
+            "Hand a subtask to another kind of agent and wait for its answer, which comes back as this "
+            "call's result. Only the kinds named in `kind` are allowed; depth and count are limited.",
+            DelegateArgs,
+            executor="agent",
+        ),
+        ToolSpec(
+            "arithmetic_answer",
+            "Deterministic fallback: find the arithmetic expressions in a goal's text and compute "
+            "each exactly. No model is involved.",
+            FallbackFunctionArgs,
         ),
     )
 }

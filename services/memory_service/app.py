@@ -68,6 +68,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         audit_topic=runtime.topics.audit,
         min_score=settings.min_score,
         catalogue=runtime.catalogue,
+        goal_types=runtime.goal_types,
         task_ttl_s=settings.task_ttl_s,
         replay=runtime.replay,
         metrics=runtime.metrics,

@@ -38,6 +38,7 @@ from schemas.tools import TOOL_SPECS, KnowledgeSearchArgs, RememberFactArgs, Too
 from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
+from services.runtime.goal_types import GoalTypes
 from services.runtime.errors import Permanent, Retryable, ToolDenied
 from services.runtime.host import Replay
 from services.runtime.metrics import Metrics, ToolErrorKind
@@ -59,6 +60,8 @@ class MemoryDeps:
     """Relevance threshold; None: the embedder's default (memory.semantic.Curation)."""
     catalogue: AgentCatalogue | None = None
     """The agent kinds, to check again that the requesting kind may call the tool."""
+    goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
+    """Goal types whose fallbacks call memory tools, each as the actor `fallback:<type>`."""
     task_ttl_s: int = 7 * 86_400
     """How long a task's instruction and served memories are kept for curating its outcome."""
     replay: Replay | None = None
@@ -173,7 +176,8 @@ def _admit(deps: MemoryDeps, request: ToolCallRequested, tool: str, model: type[
     if request.tool != tool:
         raise ToolDenied(f"{request.tool!r} does not run on the memory service", policy="executor_tools")
     kind = deps.catalogue.kinds.get(request.agent_kind) if deps.catalogue is not None else None
-    if deps.catalogue is not None and (kind is None or tool not in kind.tools):
+    allowed = (kind is not None and tool in kind.tools) or deps.goal_types.allows(request.agent_kind, tool)
+    if deps.catalogue is not None and not allowed:
         # The agent checked this already; checked again in case the request was forged.
         raise ToolDenied(f"{tool} is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist")
     try:

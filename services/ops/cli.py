@@ -19,7 +19,7 @@ from services.ops.approvals_cli import approvals_app, approve, deny, list_approv
 from services.ops.audit_cli import audit
 from services.ops.dlq_cli import dlq_app
 from services.ops.lag_cli import lag
-from services.ops.lifecycle_cli import cancel, pause, resume, status
+from services.ops.lifecycle_cli import answer, cancel, pause, resume, status
 from services.ops.prompts_cli import prompts
 from services.ops.replay_cli import replay
 from services.ops.top_cli import top
@@ -35,6 +35,7 @@ from services.ops.terminal import (
 from services.runtime.bus import Delivery
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
+from services.runtime.goal_types import GoalTypes
 from services.runtime.host import ServiceSpec, Settings, kafka_app, run_embedded
 from services.runtime.metrics import Metrics, serve_metrics
 from services.runtime.tracecontext import new_traceparent
@@ -61,6 +62,7 @@ command(goal_app, "cancel")(cancel)
 command(goal_app, "pause")(pause)
 command(goal_app, "resume")(resume)
 command(goal_app, "status")(status)
+command(goal_app, "answer")(answer)
 
 
 class Role(str, Enum):
@@ -122,15 +124,27 @@ def _lower_first(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
-def new_goal(text: str, tenant: str, budget: BudgetLimits) -> GoalSubmitted:
-    """The submission; a usage error (exit 2) naming the argument for an empty or oversized goal
-    or a malformed tenant."""
+GoalTypeOption = Annotated[str | None, typer.Option(
+    "--type", help="The goal's type: what happens when its agents fail (a fallback, or a person answers). "
+    "Types are *.toml files in SWITCHBOARD_GOAL_TYPES_DIR (packaged: arithmetic, lookup, reviewed).",
+)]
+
+
+def new_goal(text: str, tenant: str, budget: BudgetLimits, goal_type: str | None = None,
+             settings: Settings | None = None) -> GoalSubmitted:
+    """The submission; a usage error (exit 2) naming the argument for an empty or oversized goal,
+    a malformed tenant, or a goal type that is not configured."""
+    if goal_type is not None:
+        try:
+            GoalTypes.load((settings or Settings()).platform.goal_types_dir).get(goal_type)
+        except ConfigurationError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--type") from exc
     try:
-        return GoalSubmitted(tenant=tenant, goal_id=f"g-{new_id()}", text=text, budget=budget)
+        return GoalSubmitted(tenant=tenant, goal_id=f"g-{new_id()}", text=text, budget=budget, goal_type=goal_type)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = str(error["loc"][0]) if error["loc"] else ""
-        hint = {"text": "GOAL", "tenant": "--tenant"}.get(where, where)
+        hint = {"text": "GOAL", "tenant": "--tenant", "goal_type": "--type"}.get(where, where)
         raise typer.BadParameter(_lower_first(error["msg"]), param_hint=hint) from exc
 
 
@@ -148,6 +162,7 @@ def _all_services(settings: Settings) -> list[ServiceSpec]:
 def run(
     goal: Annotated[str, typer.Argument(help="What you want done, in plain words.")],
     tenant: TenantOption = None,
+    goal_type: GoalTypeOption = None,
     timeout: TimeoutOption = 120.0,
     max_steps: MaxStepsOption = None,
     max_tokens: MaxTokensOption = None,
@@ -160,11 +175,12 @@ def run(
     Uses the embedded defaults: an in-process bus, in-process stores, Qdrant local mode under
     SWITCHBOARD_DATA_DIR, and the offline model (unless an agent's model says otherwise).
     Prints the plan, tasks, memory recalls and tool calls as they happen, then the answer.
-    Exits 0 when the goal completes, 1 when it fails.
+    Exits 0 when the goal completes (by its agents or its type's fallback), 1 when it fails, 3
+    when it escalates to a person (nobody can answer in this process).
     """
     budget = budget_limits(max_steps, max_tokens, max_cost, max_tool_calls, deadline)
     settings = Settings()
-    event = new_goal(goal, tenant or settings.platform.tenant, budget)
+    event = new_goal(goal, tenant or settings.platform.tenant, budget, goal_type, settings)
     setup_logging(settings, quiet=True)
     from services.ops.progress import ProgressView
 
@@ -179,7 +195,7 @@ def run(
                 except (ValidationError, ValueError):
                     return  # not an event (a dead letter's copy of a bad message): nothing to show
                 view.show(shown)
-                if isinstance(shown, GoalCompleted | GoalFailed):
+                if isinstance(shown, GoalCompleted | GoalFailed) or view.escalated is not None:
                     finished.set()
 
             bus.observe(observe)
@@ -193,6 +209,9 @@ def run(
                 return 2
             if bus.failures:
                 err.print(f"[red]{len(bus.failures)} message(s) could not be handled; see the log above[/]")
+            if view.escalated is not None:
+                err.print("[yellow]the goal waits for a person: nobody can answer it in an embedded run[/]")
+                return 3
             return 0 if isinstance(view.outcome, GoalCompleted) else 1
 
     raise typer.Exit(run_async(main()))
@@ -246,6 +265,7 @@ def submit(
     text: Annotated[str, typer.Argument(help="The goal, in plain words.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Print progress live and wait for the result.")] = False,
     tenant: TenantOption = None,
+    goal_type: GoalTypeOption = None,
     timeout: TimeoutOption = 600.0,
     max_steps: MaxStepsOption = None,
     max_tokens: MaxTokensOption = None,
@@ -256,10 +276,11 @@ def submit(
     """Publish a goal to Kafka. Prints its id; with --follow, its progress and final answer.
 
     With --follow, exits 0 when the goal completes, 1 when it fails or is cancelled, 2 on timeout.
+    A goal that escalates to a person is followed until someone answers or cancels it.
     """
     budget = budget_limits(max_steps, max_tokens, max_cost, max_tool_calls, deadline)
     settings = Settings()
-    event = new_goal(text, tenant or settings.platform.tenant, budget)
+    event = new_goal(text, tenant or settings.platform.tenant, budget, goal_type, settings)
     setup_logging(settings, quiet=True)
     from services.ops.kafka_client import goal_events, goal_follower, publish
     from services.ops.progress import ProgressView

@@ -1,5 +1,5 @@
-"""`switchboard goal cancel|pause|resume|status ID`: ask the orchestrator to change a goal's state,
-and read the state it is in."""
+"""`switchboard goal cancel|pause|resume|answer|status ID`: ask the orchestrator to change a goal's
+state, answer a goal that waits for a person, and read the state a goal is in."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from memory.keys import RedisKeys
-from schemas.events import GoalLifecycleRejected, GoalLifecycleRequested, GoalStateChanged, LifecycleAction
+from schemas.events import (
+    MAX_TEXT,
+    GoalAnswered,
+    GoalLifecycleRejected,
+    GoalLifecycleRequested,
+    GoalStateChanged,
+    LifecycleRequest,
+)
 from services.ops.terminal import TenantOption, console, echo_json, err, reader_settings, run_async, setup_logging
 from services.runtime.budget import BudgetLedger
 from services.runtime.host import Settings
@@ -31,16 +38,23 @@ def _actor(by: str | None) -> str:
     return by or f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-async def _request(action: LifecycleAction, goal_id: str, tenant: str | None, by: str | None, reason: str,
+async def _request(action: LifecycleRequest, goal_id: str, tenant: str | None, by: str | None, reason: str,
                    wait: bool, timeout: float) -> int:
-    from services.ops.kafka_client import goal_events, goal_follower, publish
-    from services.runtime.kafka_bus import ensure_topics
-
-    settings, topics = reader_settings()
+    settings, _ = reader_settings()
     request = GoalLifecycleRequested(
         tenant=tenant or settings.platform.tenant, goal_id=goal_id, action=action, requested_by=_actor(by),
         reason=reason,
     )
+    return await _ask(request, action, wait, timeout)
+
+
+async def _ask(request: GoalLifecycleRequested | GoalAnswered, action: str, wait: bool, timeout: float) -> int:
+    """Send the request; with `wait`, print the orchestrator's answer to it (exit 0, or 1 rejected)."""
+    from services.ops.kafka_client import goal_events, goal_follower, publish
+    from services.runtime.kafka_bus import ensure_topics
+
+    settings, topics = reader_settings()
+    goal_id = request.goal_id
     if not wait:
         await ensure_topics(settings.kafka, topics.all_topics(), settings.platform.partitions)
         await publish(settings.kafka, topics.goals, request, goal_id)
@@ -89,6 +103,23 @@ def resume(goal_id: GoalIdArgument, reason: ReasonOption = "", tenant: TenantOpt
     tasks that finished meanwhile let the ones after them start. Exits 1 when the goal is not
     paused, 2 when no answer comes."""
     raise typer.Exit(run_async(_request("resume", goal_id, tenant, by, reason, wait, timeout)))
+
+
+def answer(
+    goal_id: GoalIdArgument,
+    text: Annotated[str, typer.Argument(metavar="ANSWER", help="The goal's answer, in plain words.")],
+    tenant: TenantOption = None, by: ByOption = None, wait: WaitOption = True, timeout: TimeoutOption = 60.0,
+) -> None:
+    """Answer a goal that waits for a person (its agents failed and its type escalates; `goal status`
+    shows it as waiting_for_human): it completes with this answer, which records who gave it.
+    Exits 1 when the goal is not waiting for a person, 2 when no answer comes."""
+    if not text.strip() or len(text) > MAX_TEXT:
+        raise typer.BadParameter(f"the answer must be 1 to {MAX_TEXT} characters", param_hint="ANSWER")
+    settings, _ = reader_settings()
+    request = GoalAnswered(
+        tenant=tenant or settings.platform.tenant, goal_id=goal_id, answer=text, answered_by=_actor(by),
+    )
+    raise typer.Exit(run_async(_ask(request, "answer", wait, timeout)))
 
 
 class _TaskView(BaseModel):

@@ -11,7 +11,9 @@ from schemas.budget import LIMIT_NAMES
 from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
+    GoalFallbackStarted,
     GoalLifecycleRejected,
     GoalPlanned,
     GoalReopened,
@@ -41,6 +43,8 @@ class ProgressView:
         self.seen: set[str] = set()
         self.outcome: GoalCompleted | GoalFailed | None = None
         self.cancelled = False
+        self.escalated: GoalEscalated | None = None
+        """Set while the goal waits for a person (its agents failed and its type escalates)."""
         self.llm_calls = 0
         self.tokens = 0
 
@@ -56,6 +60,8 @@ class ProgressView:
             self._finish(event)
         if isinstance(event, GoalStateChanged) and event.to_state == "cancelled":
             self.cancelled = True
+        if isinstance(event, GoalEscalated):
+            self.escalated = event
 
     def _line(self, event: Envelope) -> str | Table | None:
         match event:
@@ -120,7 +126,9 @@ class ProgressView:
 
     def _finish(self, event: GoalCompleted | GoalFailed) -> None:
         if isinstance(event, GoalCompleted):
-            self.console.print(Panel(escape(event.answer), title="final answer", border_style="green"))
+            by = {"agent": "", "fallback": f" (by fallback {event.fallback})", "human": f" (by {event.answered_by})"}
+            title = f"final answer{escape(by[event.path])}"
+            self.console.print(Panel(escape(event.answer), title=title, border_style="green"))
         else:
             figures = ", ".join(f"{k} {v:g}" for k, v in event.figures.items())
             body = f"{escape(event.reason)}" + (f" ({figures})" if figures else "") + f"\n{escape(event.detail)}"

@@ -20,7 +20,9 @@ from schemas.events import (
     ApprovalDecided,
     ApprovalRequested,
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
+    GoalFallbackStarted,
     GoalPlanned,
     GoalReopened,
     GoalSubmitted,
@@ -247,10 +249,15 @@ class _Builder:
                            original_topic=event.original_topic, figures=event.figures)
             case GoalReopened():
                 self._step(event, "goal_reopened", reason=event.reason, requested_by=event.requested_by)
+            case GoalFallbackStarted():
+                self._step(event, "fallback_started", fallback=event.fallback, reason=event.reason, detail=event.detail)
+            case GoalEscalated():
+                self._step(event, "escalated", reason=event.reason, detail=event.detail)
             case GoalCompleted():
-                self._step(event, "goal_completed", answer=event.answer)
+                self._step(event, "goal_completed", answer=event.answer, path=event.path)
                 trace.outcome = {"status": "completed", "at": event.ts.isoformat(), "answer": event.answer,
-                                 "task_results": event.task_results}
+                                 "task_results": event.task_results, "path": event.path,
+                                 "fallback": event.fallback, "answered_by": event.answered_by}
             case GoalFailed():
                 self._step(event, "goal_failed", reason=event.reason, detail=event.detail, figures=event.figures)
                 trace.outcome = {"status": "failed", "at": event.ts.isoformat(), "reason": event.reason,
@@ -375,6 +382,10 @@ def _line(step: Step) -> str:
             f"[red]✗ dead-lettered[/] {escape(step['dead_event_type'])} ({escape(step['reason'])}{_figures(step['figures'])}) "
             f"→ {escape(step['dlq_topic'])}: {short(step['detail'], 80)}"
         )
+    if kind == "fallback_started":
+        return at + f"[yellow]↯ agents failed[/] ({escape(step['reason'])}) → [cyan]fallback {escape(step['fallback'])}[/]"
+    if kind == "escalated":
+        return at + f"[yellow]↯ agents failed[/] ({escape(step['reason'])}) → [magenta]waiting for a person[/]"
     if kind == "goal_reopened":
         return at + f"[cyan]↻ goal reopened[/] ({escape(step['reason'])}, by {escape(step['requested_by'])})"
     return at + escape(kind)
@@ -386,7 +397,8 @@ def _figures(figures: dict[str, float]) -> str:
 
 def _end(outcome: dict[str, Any]) -> str:
     if outcome["status"] == "completed":
-        return f"[green bold]✓ answer[/]: {short(outcome['answer'], 200)}"
+        by = {"fallback": f" (by fallback {outcome.get('fallback')})", "human": f" (by {outcome.get('answered_by')})"}
+        return f"[green bold]✓ answer{escape(by.get(outcome.get('path', 'agent'), ''))}[/]: {short(outcome['answer'], 200)}"
     if outcome["status"] == "failed":
         return f"[red bold]✗ goal failed[/] ({escape(outcome['reason'])}{_figures(outcome['figures'])}): {short(outcome['detail'], 160)}"
     return "[yellow]not finished: no GoalCompleted or GoalFailed in the record (yet)[/]"

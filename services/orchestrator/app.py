@@ -1,4 +1,5 @@
-"""Orchestrator wiring: consumes the goals topic (submissions and task results)."""
+"""Orchestrator wiring: consumes the goals topic (submissions, task results, lifecycle requests,
+the results of fallback calls and people's answers)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from typing import Any
 
 from memory.state import VersionedStore
 from schemas.events import (
+    GoalAnswered,
     GoalLifecycleRequested,
     GoalReopened,
     GoalSubmitted,
     TaskCompleted,
     TaskFailed,
+    ToolCallCompleted,
     WorkDeadLettered,
 )
-from services.orchestrator import logic
+from services.orchestrator import fallback, logic
 from services.orchestrator.settings import OrchestratorSettings
 from services.runtime.bus import Subscription, on
 from services.runtime.host import Runtime, ServiceApp
@@ -37,6 +40,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         model=settings.model or runtime.settings.llm.default_model,
         max_plan_attempts=settings.max_plan_attempts,
         budget=runtime.budget,
+        goal_types=runtime.goal_types,
     )
     record_result = on(partial(logic.record_task_result, deps))
     return ServiceApp(
@@ -51,6 +55,8 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                     WorkDeadLettered: on(partial(logic.fail_on_dead_letter, deps)),
                     GoalReopened: on(partial(logic.reopen, deps)),
                     GoalLifecycleRequested: on(partial(logic.change_lifecycle, deps)),
+                    ToolCallCompleted: on(partial(fallback.fallback_result, deps)),
+                    GoalAnswered: on(partial(fallback.answered, deps)),
                 },
             )
         ]

@@ -13,28 +13,34 @@ STATES: tuple[GoalStateName, ...] = get_args(GoalStateName)
 TRANSITIONS: dict[GoalStateName, frozenset[GoalStateName]] = {
     # Submitting opens the budget; a goal asking for more than its tenant may fails right there.
     "submitted": frozenset({"planning", "failed"}),
-    "planning": frozenset({"running", "failed", "cancelled"}),
+    # A plan that cannot be made is a failed agent path: a fallback runs, or the goal escalates.
+    "planning": frozenset({"running", "waiting_for_human", "failed", "cancelled"}),
     "running": frozenset({"paused", "waiting_for_human", "completed", "failed", "cancelled"}),
-    # A task whose in-flight call ends in failure, or work dead-lettered while paused, fails the goal.
-    "paused": frozenset({"running", "failed", "cancelled"}),
-    # Nothing enters waiting_for_human yet (a goal that escalates to a person will).
-    "waiting_for_human": frozenset({"running", "failed", "cancelled"}),
+    # A task whose in-flight call ends in failure, or work dead-lettered while paused, ends the
+    # agent path: the goal fails, runs its fallback, or escalates.
+    "paused": frozenset({"running", "waiting_for_human", "failed", "cancelled"}),
+    # The agent path failed and the goal's type escalates: a person answers it, or cancels it.
+    "waiting_for_human": frozenset({"completed", "cancelled"}),
     "completed": frozenset(),
     # A redrive of its dead-lettered work reopens a failed goal.
     "failed": frozenset({"running"}),
     "cancelled": frozenset(),
 }
 
-REQUESTED: dict[LifecycleAction, GoalStateName] = {"cancel": "cancelled", "pause": "paused", "resume": "running"}
-"""The state each lifecycle request asks for."""
+REQUESTED: dict[LifecycleAction, GoalStateName] = {
+    "cancel": "cancelled", "pause": "paused", "resume": "running", "answer": "completed",
+}
+"""The state each lifecycle request (or a person's answer) asks for."""
 
 ALLOWED_FROM: dict[LifecycleAction, frozenset[GoalStateName]] = {
     "cancel": frozenset({"planning", "running", "paused", "waiting_for_human"}),
     "pause": frozenset({"running"}),
     "resume": frozenset({"paused"}),
+    "answer": frozenset({"waiting_for_human"}),
 }
 """A request is narrower than the table: resume is from paused only (a failed goal is reopened by
-a redrive, and a goal waiting for a person by that person's answer)."""
+a redrive, and a goal waiting for a person by that person's answer), and only a goal waiting for
+a person can be answered."""
 
 
 class IllegalTransition(SwitchboardError, ValueError):
@@ -58,7 +64,7 @@ def transition(goal_id: str, current: GoalStateName, target: GoalStateName) -> G
     return target
 
 
-_DONE = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
+_DONE = {"cancel": "cancelled", "pause": "paused", "resume": "resumed", "answer": "answered"}
 
 
 def requested(goal_id: str, current: GoalStateName, action: LifecycleAction) -> GoalStateName:

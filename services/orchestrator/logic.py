@@ -1,8 +1,9 @@
 """Orchestrator decisions: plan a goal, dispatch ready tasks, gather results into the final answer.
 
-It also ends goals: a failed task, or any of the goal's work sent to a dead-letter topic, fails
-the goal and stops it, so that every other task of the goal stops at its next step. A redrive
-reopens the goal, and its stopped tasks continue from their checkpoints. Cancel, pause and
+It also ends goals: a failed task, or any of the goal's work sent to a dead-letter topic, ends the
+goal's agent path and stops it, so that every other task of the goal stops at its next step. The
+goal then runs its type's fallback, waits for a person, or fails (fallback.py). A redrive reopens a
+failed goal, and its stopped tasks continue from their checkpoints. Cancel, pause and
 resume requests stop a goal, or let it run on, the same way. Every change of a goal's status goes
 through the state machine in lifecycle.py.
 """
@@ -10,7 +11,7 @@ through the state machine in lifecycle.py.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -34,10 +35,13 @@ from schemas.events import (
 )
 from schemas.plan import Plan, PlannedTask
 from schemas.topics import Topics
+from services.orchestrator.fallback import FallbackRun, agent_path_failed, fallback_task_id
 from services.orchestrator.lifecycle import IllegalTransition, requested, transition
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
+from services.runtime.errors import ConfigurationError, Permanent
+from services.runtime.goal_types import GoalTypes
 from services.runtime.idempotency import Ledgered, StepLedger
 from services.runtime.llm import LLMGateway
 from services.runtime.prompts import Prompt, PromptLibrary
@@ -62,6 +66,8 @@ class GoalState(Ledgered):
     """Stored documents from before the state machine hold running, completed or failed: all still states."""
     plan: Plan | None = None
     tasks: dict[str, TaskRecord] = {}
+    fallback: FallbackRun | None = None
+    """Set once the agent path has failed and the goal type's fallback runs."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class OrchestratorDeps:
     model: str
     max_plan_attempts: int
     budget: BudgetLedger
+    goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
 
 
 def task_id_for(goal_id: str, planned_id: str) -> str:
@@ -133,60 +140,73 @@ def failed_goal(deps: OrchestratorDeps, cause: Any, reason: str, detail: str, fi
 
 
 async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoing]:
-    async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+    """Accept the goal (its budget and type are checked, its state stored as planning), then plan
+    it. Two steps, so that a planning attempt that ends in a dead letter finds the goal's state
+    (and its type's fallback) there; a redelivered submission repeats neither."""
+    key = deps.keys.goal_state(goal.tenant, goal.goal_id)
+
+    async def accept(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
         if state is not None:
-            return None, []  # planned already under another event id
+            return None, []  # accepted already under another event id
         try:
             limits = deps.budget.limits_for(goal.tenant, goal.budget)
-        except ValueError as exc:
+            if goal.goal_type is not None:
+                deps.goal_types.get(goal.goal_type)
+        except ValueError as exc:  # ConfigurationError is one
+            reason = "unknown_goal_type" if isinstance(exc, ConfigurationError) else "budget_policy"
             failed = GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "failed"))
-            return failed, [failed_goal(deps, goal, "budget_policy", str(exc))]
-        status = transition(goal.goal_id, "submitted", "planning")
+            return failed, [failed_goal(deps, goal, reason, str(exc))]
         await deps.budget.open(goal.tenant, goal.goal_id, limits, goal.ts)
-        outputs: list[Outgoing] = []
-        planner = deps.prompts.for_goal(PLANNER, goal.goal_id)
-        messages = planner_messages(deps, planner, goal)
-        error = ""
-        for _ in range(deps.max_plan_attempts):
-            completion = await deps.llm.complete(
-                model=deps.model, prompt=planner, messages=messages, purpose="plan",
-                agent="orchestrator", cause=goal, json_mode=True,
-            )
-            outputs.append(Outgoing(deps.topics.llm_calls, completion.record, goal.goal_id))
-            try:
-                plan = parse_plan(completion.content, set(deps.catalogue.names))
-            except (ValidationError, ValueError) as exc:
-                error = str(exc)
-                messages = messages + [
-                    completion.assistant_message,
-                    {"role": "user", "content": f"That plan is invalid: {error}\nReply with a corrected plan."},
-                ]
-                continue
-            state = GoalState(
-                goal=goal,
-                status=transition(goal.goal_id, status, "running"),
-                plan=plan,
-                tasks={
-                    t.id: TaskRecord(planned=t, task_id=task_id_for(goal.goal_id, t.id)) for t in plan.tasks
-                },
-            )
-            outputs.append(
-                Outgoing(
-                    deps.topics.progress,
-                    GoalPlanned(
-                        **goal.caused(), plan=plan, model=deps.model, budget=limits,
-                        prompt_version=planner.label,
-                    ),
-                    goal.goal_id,
-                )
-            )
-            outputs += [assign(state, t, deps.topics, goal) for t in ready_tasks(state)]
-            return state, outputs
-        failed = GoalState(goal=goal, status=transition(goal.goal_id, status, "failed"))
-        detail = f"no valid plan after {deps.max_plan_attempts} attempts: {error}"
-        return failed, outputs + [failed_goal(deps, goal, "invalid_plan", detail)]
+        return GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "planning")), []
 
-    return await deps.ledger.apply(deps.keys.goal_state(goal.tenant, goal.goal_id), goal.event_id, step)
+    async def plan(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
+        if state is None or state.status != "planning" or state.goal.event_id != goal.event_id:
+            return None, []  # failed at acceptance, cancelled meanwhile, or another submission's
+        outputs: list[Outgoing] = []
+        try:
+            made = await make_plan(deps, goal, outputs)
+        except Permanent as exc:
+            if not deps.goal_types.handles_failure(goal.goal_type):
+                raise
+            # The budget ran out while planning: the goal's type says what happens next.
+            return state, outputs + exc.outputs + await agent_path_failed(deps, state, goal, exc.reason, str(exc))
+        if isinstance(made, str):
+            return state, outputs + await agent_path_failed(deps, state, goal, "invalid_plan", made)
+        state.status = transition(goal.goal_id, state.status, "running")
+        state.plan = made
+        state.tasks = {t.id: TaskRecord(planned=t, task_id=task_id_for(goal.goal_id, t.id)) for t in made.tasks}
+        planned = GoalPlanned(
+            **goal.caused(), plan=made, model=deps.model, budget=deps.budget.limits_for(goal.tenant, goal.budget),
+            prompt_version=deps.prompts.for_goal(PLANNER, goal.goal_id).label,
+        )
+        outputs.append(Outgoing(deps.topics.progress, planned, goal.goal_id))
+        return state, outputs + [assign(state, t, deps.topics, goal) for t in ready_tasks(state)]
+
+    accepted = await deps.ledger.apply(key, f"{goal.event_id}:accepted", accept)
+    return accepted + await deps.ledger.apply(key, goal.event_id, plan)
+
+
+async def make_plan(deps: OrchestratorDeps, goal: GoalSubmitted, outputs: list[Outgoing]) -> Plan | str:
+    """A valid plan from the model, or why none came within the attempts. Appends each call's record
+    to `outputs`; raises Permanent (e.g. the budget ran out)."""
+    planner = deps.prompts.for_goal(PLANNER, goal.goal_id)
+    messages = planner_messages(deps, planner, goal)
+    error = ""
+    for _ in range(deps.max_plan_attempts):
+        completion = await deps.llm.complete(
+            model=deps.model, prompt=planner, messages=messages, purpose="plan",
+            agent="orchestrator", cause=goal, json_mode=True,
+        )
+        outputs.append(Outgoing(deps.topics.llm_calls, completion.record, goal.goal_id))
+        try:
+            return parse_plan(completion.content, set(deps.catalogue.names))
+        except (ValidationError, ValueError) as exc:
+            error = str(exc)
+            messages = messages + [
+                completion.assistant_message,
+                {"role": "user", "content": f"That plan is invalid: {error}\nReply with a corrected plan."},
+            ]
+    return f"no valid plan after {deps.max_plan_attempts} attempts: {error}"
 
 
 async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | TaskFailed) -> list[Outgoing]:
@@ -198,17 +218,15 @@ async def record_task_result(deps: OrchestratorDeps, event: TaskCompleted | Task
             return None, []
         if isinstance(event, TaskFailed):
             record.status = "failed"
-            if state.status == "cancelled":
-                return state, []  # the call in flight at the cancel failed: recorded, nothing follows
-            state.status = transition(event.goal_id, state.status, "failed")
-            await deps.budget.stop(event.tenant, event.goal_id, f"task {record.planned.id} failed")
+            if state.status == "cancelled" or state.fallback is not None:
+                return state, []  # the call in flight at the cancel or the failure failed: recorded, nothing follows
             detail = f"task {record.planned.id} ({event.kind}) failed: {event.detail}"
-            return state, [failed_goal(deps, event, f"task_failed:{event.reason}", detail)]
+            return state, await agent_path_failed(deps, state, event, f"task_failed:{event.reason}", detail)
         record.status = "completed"
         record.result = event.result
-        if state.status != "running":
-            # Finished by a call in flight at the pause or cancel: the result is kept, and starts
-            # nothing now (a resume starts what it lets start).
+        if state.status != "running" or state.fallback is not None:
+            # Finished by a call in flight at the pause, the cancel or the agent path's failure: the
+            # result is kept, and starts nothing now (a resume starts what it lets start).
             return state, []
         return state, await advance(deps, state, event)
 
@@ -254,7 +272,9 @@ async def finish(deps: OrchestratorDeps, state: GoalState, cause: Envelope) -> l
 
 
 async def fail_on_dead_letter(deps: OrchestratorDeps, event: WorkDeadLettered) -> list[Outgoing]:
-    """Work of the goal went to a dead-letter topic: the goal fails, and its other tasks stop."""
+    """Work of the goal went to a dead-letter topic: its agent path has failed (or its fallback's,
+    when the work was the fallback's call), and its other tasks stop. Work of the agent path
+    dead-lettered once the goal runs its fallback or waits for a person changes nothing."""
 
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
         where = f"{event.dead_event_type} on {event.original_topic} (now in {event.dlq_topic})"
@@ -263,11 +283,14 @@ async def fail_on_dead_letter(deps: OrchestratorDeps, event: WorkDeadLettered) -
             # The goal never got a state (its submission itself failed): still tell the submitter.
             await deps.budget.stop(event.tenant, event.goal_id, event.reason)
             return None, [failed_goal(deps, event, event.reason, detail, event.figures)]
-        if state.status not in ("running", "paused", "waiting_for_human"):
+        if state.status not in ("planning", "running", "paused"):
             return None, []
-        state.status = transition(event.goal_id, state.status, "failed")
-        await deps.budget.stop(event.tenant, event.goal_id, event.reason)
-        return state, [failed_goal(deps, event, event.reason, detail, event.figures)]
+        reason = event.reason
+        if state.fallback is not None:
+            if event.task_id != fallback_task_id(event.goal_id):
+                return None, []
+            reason, detail = f"fallback_failed:{event.reason}", f"fallback {state.fallback.name}: {detail}"
+        return state, await agent_path_failed(deps, state, event, reason, detail, event.figures)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)
     return await deps.ledger.apply(key, event.event_id, step)
@@ -292,6 +315,7 @@ async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
             await deps.budget.stop(event.tenant, event.goal_id, f"task {failed[0]} failed")
             return None, []
         state.status = transition(event.goal_id, state.status, "running")
+        state.fallback = None  # the agents try again; should they fail again, so may the fallback
         return state, await resume_tasks(deps, state, event)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)

@@ -28,6 +28,7 @@ from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Producer, Subscription
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
+from services.runtime.goal_types import GoalTypes
 from services.runtime.inprocess_bus import InProcessBus
 from services.runtime.kafka_bus import KafkaProducer, ensure_topics, make_broker
 from services.runtime.kafka_consumer import ConcurrentKafkaConsumer
@@ -101,6 +102,8 @@ class Runtime:
     keys: RedisKeys
     catalogue: AgentCatalogue
     redis: Redis
+    goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
+    """What a goal of each type does when its agent path fails (services/runtime/goal_types.py)."""
     script: Script | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     signer: Signer = field(default_factory=lambda: Signer(DEVELOPMENT_KEY))
@@ -206,6 +209,7 @@ async def open_runtime(
     """`tracing`: the provider spans go to (tests pass one with an in-memory exporter). None: one
     built from `settings.tracing`, owned here and shut down (its export flushed) on the way out."""
     catalogue = AgentCatalogue.load(settings.platform.agents_dir)
+    goal_types = GoalTypes.load(settings.platform.goal_types_dir)
     if settings.redis.url:
         pool = BlockingConnectionPool.from_url(
             settings.redis.url, max_connections=settings.redis.max_connections, timeout=settings.redis.pool_timeout_s
@@ -221,6 +225,7 @@ async def open_runtime(
         keys=RedisKeys(platform.namespace),
         catalogue=catalogue,
         redis=redis,
+        goal_types=goal_types,
         script=script,
         retry=RetryPolicy(platform.retry_attempts, platform.retry_backoff_s, platform.retry_backoff_max_s),
         signer=Signer.from_setting(platform.signing_key),

@@ -43,6 +43,9 @@ class PlatformSettings(BaseSettings):
     agents_dir: Path | None = None
     """Directory of agent kind definitions (*.toml) and their prompt files (<name>.v<N>.md);
     defaults to the packaged services/agents/kinds and services/agents/prompts."""
+    goal_types_dir: Path | None = None
+    """Directory of goal type definitions (*.toml): each type's fallback and escalation when its
+    agent path fails; defaults to the packaged services/orchestrator/goal_types."""
     max_in_flight: int = Field(default=256, ge=1)
     """Messages one consumer group member works on at once, whatever the partition count."""
     retry_attempts: int = Field(default=4, ge=1)

@@ -22,6 +22,7 @@ from services.runtime.tracing import current_traceparent
 from services.tools import logic, registry
 from services.tools.limits import ToolLimiter
 from services.tools.redaction import Redactor, install_log_redaction
+from services.tools.fallbacks import FALLBACK_FUNCTIONS
 from services.tools.settings import ToolsSettings
 
 CLAIM_MARGIN_S = 30
@@ -41,6 +42,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
             settings.http_headers,
         ),
         "save_note": registry.save_note(sandbox),
+        **{name: make() for name, make in FALLBACK_FUNCTIONS.items()},
     }
     limiters = {name: ToolLimiter(name, settings.limits_for(name), metrics=runtime.metrics) for name in tools}
     # A side effect's claim must outlive its slowest attempt, or a duplicate could run it too.
@@ -50,6 +52,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         tools=tools,
         limiters=limiters,
         catalogue=runtime.catalogue,
+        goal_types=runtime.goal_types,
         guard=SideEffectGuard(runtime.redis, runtime.keys, claim_ttl_s=max(60, math.ceil(longest) + CLAIM_MARGIN_S)),
         audit_topic=runtime.topics.audit,
         redact=redact,

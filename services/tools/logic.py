@@ -23,6 +23,7 @@ from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
+from services.runtime.goal_types import GoalTypes
 from services.runtime.host import Replay
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
 from services.runtime.tracing import Tracing, failed
@@ -48,6 +49,8 @@ class ToolsDeps:
     approval_timeout_s: float = 3_600.0
     approvals_topic: str = ""
     tracing: Tracing = field(default_factory=Tracing.local)
+    goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
+    """Goal types whose fallbacks call tools here, each as the actor `fallback:<type>`."""
     replay: Replay | None = None
     """Set when a recorded goal runs again (`switchboard replay`): the record answers the calls it
     holds; a call with a side effect is never run again."""
@@ -192,7 +195,7 @@ def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool,
             f"unknown tool {request.tool!r} on this executor; it runs {sorted(deps.tools)}", policy="executor_tools"
         )
     kind = deps.catalogue.kinds.get(request.agent_kind)
-    if kind is None or request.tool not in kind.tools:
+    if (kind is None or request.tool not in kind.tools) and not deps.goal_types.allows(request.agent_kind, request.tool):
         # The agent checked this already; the executor checks again, in case the request was forged.
         raise ToolDenied(
             f"tool {request.tool!r} is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist"

@@ -25,11 +25,11 @@ from tests.unit.test_orchestrator import GOAL, completed, make_deps, of
 
 ALLOWED = [
     ("submitted", "planning"), ("submitted", "failed"),
-    ("planning", "running"), ("planning", "failed"), ("planning", "cancelled"),
+    ("planning", "running"), ("planning", "waiting_for_human"), ("planning", "failed"), ("planning", "cancelled"),
     ("running", "paused"), ("running", "waiting_for_human"), ("running", "completed"), ("running", "failed"),
     ("running", "cancelled"),
-    ("paused", "running"), ("paused", "failed"), ("paused", "cancelled"),
-    ("waiting_for_human", "running"), ("waiting_for_human", "failed"), ("waiting_for_human", "cancelled"),
+    ("paused", "running"), ("paused", "waiting_for_human"), ("paused", "failed"), ("paused", "cancelled"),
+    ("waiting_for_human", "completed"), ("waiting_for_human", "cancelled"),
     ("failed", "running"),
 ]
 """The table, written out: a change to lifecycle.TRANSITIONS must change this too."""
@@ -67,6 +67,7 @@ REQUESTS: dict[LifecycleAction, tuple[set[str], str]] = {
     "cancel": ({"planning", "running", "paused", "waiting_for_human"}, "cancelled"),
     "pause": ({"running"}, "paused"),
     "resume": ({"paused"}, "running"),
+    "answer": ({"waiting_for_human"}, "completed"),
 }
 
 
@@ -76,7 +77,7 @@ def test_a_request_moves_only_from_the_states_it_applies_to(action: LifecycleAct
     if current in allowed:
         assert requested("g-1", current, action) == target
     else:
-        done = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}[action]
+        done = {"cancel": "cancelled", "pause": "paused", "resume": "resumed", "answer": "answered"}[action]
         with pytest.raises(IllegalTransition, match=rf"^goal g-1 is {current}; it cannot be {done} "):
             requested("g-1", current, action)
 

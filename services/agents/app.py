@@ -8,6 +8,7 @@ from typing import Any
 from memory.state import VersionedStore
 from schemas.events import MemoryRecallCompleted, TaskAssigned, ToolCallCompleted
 from services.agents import logic
+from services.agents.delegation import DelegationPolicy
 from services.agents.runaway import RunawayLimits
 from services.agents.settings import AgentSettings
 from services.runtime.bus import Subscription, on
@@ -37,6 +38,11 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
         context_tokens=settings.context_tokens,
         budget=runtime.budget,
         runaway=RunawayLimits(repeats=settings.loop_repeats, stale_steps=settings.loop_stale_steps),
+        delegation=DelegationPolicy(
+            max_depth=settings.delegation_max_depth,
+            max_fanout=settings.delegation_max_fanout,
+            targets=tuple((k, runtime.catalogue.get(k).description) for k in agent_kind.delegates_to),
+        ),
     )
 
     return ServiceApp(

@@ -5,7 +5,8 @@ any replica can continue any task. Each model call's context is assembled afresh
 its recalled memories and its scratchpad, within the agent's token budget (context.py). Before
 each model call the gateway checks the goal's budget; before tool calls go out, the platform
 checks for runaway loops and counts them against the budget. A stopped goal's task parks at its
-next step and continues from there if it is reopened.
+next step and continues from there if it is reopened. A `delegate` call hands a subtask to another
+agent kind, and its result comes back like a tool's (delegation.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from schemas.events import (
 )
 from schemas.tools import MAX_ARGUMENTS_BYTES, TOOL_SPECS, arguments_size
 from schemas.topics import Topics
+from services.agents import delegation
 from services.agents.context import Shown, assemble, untrusted
+from services.agents.delegation import DelegationPolicy
 from services.agents.runaway import (
     RunawayLimits,
     call_signature,
@@ -81,6 +84,9 @@ class TaskCheckpoint(Ledgered):
     reported: list[str] = []
     """Injection markers in the inputs and memories already on a call's record: a memory may be
     shown on many calls (or first on a later one, if it did not fit before) but is reported once."""
+    subtasks: list[TaskAssigned] = []
+    """The assignments of the subtasks this task delegated: they count against the fan-out limit,
+    and are sent again, marked `resume`, when the goal resumes while this task waits for them."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class AgentDeps:
     context_tokens: int
     budget: BudgetLedger
     runaway: RunawayLimits
+    delegation: DelegationPolicy = DelegationPolicy()
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,9 @@ def note_findings(cp: TaskCheckpoint, shown: Shown) -> str:
 
 def validate_call(kind: AgentKind, call: ModelToolCall) -> ValidatedCall | str:
     """The validated call, or an error message for the model."""
-    if call.name not in kind.tools:
-        return f"tool {call.name!r} is not allowed for agent kind {kind.name!r}; allowed: {list(kind.tools)}"
+    allowed = delegation.offered_names(kind)
+    if call.name not in allowed:
+        return f"tool {call.name!r} is not allowed for agent kind {kind.name!r}; allowed: {list(allowed)}"
     spec = TOOL_SPECS[call.name]
     # JSON escapes can take six characters for one; beyond that it cannot fit once decoded.
     if len(call.raw_arguments) > 6 * MAX_ARGUMENTS_BYTES:
@@ -133,6 +141,10 @@ def validate_call(kind: AgentKind, call: ModelToolCall) -> ValidatedCall | str:
     size = arguments_size(arguments)
     if size > MAX_ARGUMENTS_BYTES:
         return f"invalid arguments for {call.name}: {size} bytes as JSON; the limit is {MAX_ARGUMENTS_BYTES}"
+    if spec.executor == "agent":
+        refused = delegation.target_error(kind, arguments)
+        if refused:
+            return refused
     return ValidatedCall(call, arguments)
 
 
@@ -149,8 +161,15 @@ async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
                 return cp, await think(deps, cp, event)
             if event.resume and cp.status in ("done", "failed"):
                 # It ended while its goal was failed, so the orchestrator dropped the result: send
-                # the same event again (same id, so it is applied once).
-                return None, [o.restore() for o in cp.outbox if isinstance(o.event, TaskCompleted | TaskFailed)]
+                # the same event again (same id, so it is applied once). A subtask's result is the
+                # reply to the task that delegated it.
+                ends = TaskCompleted | TaskFailed | ToolCallCompleted
+                return None, [o.restore() for o in cp.outbox if isinstance(o.event, ends)]
+            if event.resume and cp.status == "waiting_tools":
+                waiting = {p.call_id for p in cp.pending if p.result is None}
+                resent = delegation.resent(deps.topics, cp.subtasks, waiting, event)
+                # Saved with the event applied, so a redelivered resume re-sends the same events.
+                return (cp, resent) if resent else (None, [])
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
         if deps.recall_k == 0:
@@ -187,17 +206,23 @@ async def resume_with_tool_result(deps: AgentDeps, event: ToolCallCompleted) -> 
         pending.result = note_findings(cp, untrusted(f"tool:{pending.tool}", body, deps.tool_output_chars))
         if any(p.result is None for p in cp.pending):
             return cp, []
-        results = [p.result or "" for p in cp.pending]
-        cp.stale_steps = stale_after(deps.runaway, cp.seen_results, cp.stale_steps, results)
-        cp.seen_results += [result_digest(r) for r in results]
-        cp.scratchpad += [
-            {"role": "tool", "tool_call_id": p.model_call_id, "content": p.result} for p in cp.pending
-        ]
-        cp.pending = []
+        take_results(deps, cp)
         return cp, await think(deps, cp, event)
 
     key = deps.keys.task_checkpoint(event.tenant, event.task_id or "")
     return await deps.ledger.apply(key, event.event_id, step)
+
+
+def take_results(deps: AgentDeps, cp: TaskCheckpoint) -> None:
+    """Every call of the step has its result: they join the scratchpad, and the step is checked
+    for progress."""
+    results = [p.result or "" for p in cp.pending]
+    cp.stale_steps = stale_after(deps.runaway, cp.seen_results, cp.stale_steps, results)
+    cp.seen_results += [result_digest(r) for r in results]
+    cp.scratchpad += [
+        {"role": "tool", "tool_call_id": p.model_call_id, "content": p.result} for p in cp.pending
+    ]
+    cp.pending = []
 
 
 async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoing]:
@@ -221,13 +246,13 @@ async def think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any) -> list[Outgoin
 async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[Outgoing]) -> list[Outgoing]:
     task = cp.assignment
     task_id = task.task_id or ""
-    tools = [TOOL_SPECS[name].openai_schema for name in deps.kind.tools]
+    tools = delegation.offered_tools(deps.kind, deps.delegation)
     # The same goal gets the same version on every step and replica; a rollback takes effect
     # at the task's next step after the agents restart with the new configuration.
     prompt = deps.prompts.for_goal(deps.kind.prompt, task.goal_id)
     while True:
         if cp.step >= deps.max_steps:
-            return outputs + [fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")]
+            return outputs + fail(deps, cp, cause, "max_steps", f"no answer after {cp.step} model calls")
         step_id = f"{task_id}:{cp.step}"
         context = assemble(
             system=prompt.text, task=task, memories=cp.memories, scratchpad=cp.scratchpad,
@@ -252,7 +277,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
         if not completion.tool_calls:
             cp.status = "done"
             done = TaskCompleted(**cause.caused(), kind=deps.kind.name, result=completion.content or "", steps=cp.step)
-            return outputs + [Outgoing(deps.topics.goals, done, task.goal_id)]
+            return outputs + delegation.ended(deps.topics, task, done)
         checked = [validate_call(deps.kind, c) for c in completion.tool_calls]
         errors = [c for c in checked if isinstance(c, str)]
         if errors:
@@ -265,7 +290,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
             ]
             cp.invalid_outputs += 1
             if cp.invalid_outputs > deps.max_invalid_outputs:
-                return outputs + [fail(deps, cp, cause, "invalid_output", "; ".join(errors))]
+                return outputs + fail(deps, cp, cause, "invalid_output", "; ".join(errors))
             for call, result in zip(completion.tool_calls, checked, strict=True):
                 content = result if isinstance(result, str) else "not run: another call in this turn was invalid"
                 model_id = completion.assistant_message["tool_calls"][call.call_index]["id"]
@@ -281,19 +306,54 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
         for v in valid:
             call_id = f"{step_id}:{v.call.call_index}"
             model_id = completion.assistant_message["tool_calls"][v.call.call_index]["id"]
-            cp.pending.append(PendingCall(call_id=call_id, model_call_id=model_id, tool=v.call.name))
+            pending = PendingCall(call_id=call_id, model_call_id=model_id, tool=v.call.name)
+            cp.pending.append(pending)
+            if TOOL_SPECS[v.call.name].executor == "agent":
+                outputs += delegate(deps, cp, cause, pending, step_id, v)
+                continue
             request = ToolCallRequested(
                 **cause.caused(task_id=task_id), call_id=call_id, step_id=step_id, tool=v.call.name,
                 arguments=v.arguments, agent_kind=deps.kind.name, reply_to=deps.topics.agent(deps.kind.name),
             )
             topic = deps.topics.memory if TOOL_SPECS[v.call.name].executor == "memory" else deps.topics.tools
             outputs.append(Outgoing(topic, request, task_id))
-        return outputs
+        if any(p.result is None for p in cp.pending):
+            return outputs
+        # Every call was a refused delegation: the model is told at once, on the next turn.
+        take_results(deps, cp)
 
 
-def refusal_audit(deps: AgentDeps, cause: Any, call_id: str, call: ModelToolCall, error: str) -> Outgoing:
+def delegate(
+    deps: AgentDeps, cp: TaskCheckpoint, cause: Any, pending: PendingCall, step_id: str, v: ValidatedCall,
+) -> list[Outgoing]:
+    """The subtask's assignment, or, beyond a bound, the refusal as the call's result, audited.
+
+    A refusal is not an invalid output: the call was allowed and well-formed, and the platform
+    declined it for where the task stands, as an executor's denial is (that too reaches the model
+    as the call's result and counts no invalid turn)."""
+    task = cp.assignment
+    refused = delegation.refusal(deps.delegation, task, deps.kind.name, len(cp.subtasks))
+    if refused is not None:
+        reason, policy = refused
+        log.info("task %s: %s", task.task_id, reason)
+        shown = untrusted(f"tool:{pending.tool}", f"ERROR: {reason}", deps.tool_output_chars)
+        pending.result = note_findings(cp, shown)
+        return [refusal_audit(deps, cause, pending.call_id, v.call, reason, policy)]
+    out = delegation.subtask(
+        deps.topics, deps.kind.name, task, cause, pending.call_id, step_id, v.arguments, len(cp.subtasks) + 1,
+    )
+    assert isinstance(out.event, TaskAssigned)
+    cp.subtasks.append(out.event)
+    return [out]
+
+
+def refusal_audit(
+    deps: AgentDeps, cause: Any, call_id: str, call: ModelToolCall, error: str, policy: str | None = None,
+) -> Outgoing:
     """The audit record of a tool call the agent refused before sending it."""
-    policy = "agent_allowlist" if call.name not in deps.kind.tools else "arguments"
+    # Without a policy, validate_call's refusal: every argument error says so; the rest are the
+    # kind's allowlist (its tools, or the kinds it may delegate to).
+    policy = policy or ("arguments" if error.startswith("invalid arguments") else "agent_allowlist")
     record = AuditRecorded(
         **cause.caused(task_id=cause.task_id), action=TOOL_DENIED, actor=deps.kind.name, subject=call_id,
         detail={"tool": call.name[:200], "policy": policy, "refused_by": "agent", "error": error[:1_000]},
@@ -301,10 +361,10 @@ def refusal_audit(deps: AgentDeps, cause: Any, call_id: str, call: ModelToolCall
     return Outgoing(deps.topics.audit, record, cause.goal_id)
 
 
-def fail(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, reason: str, detail: str) -> Outgoing:
+def fail(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, reason: str, detail: str) -> list[Outgoing]:
     cp.status = "failed"
     failed = TaskFailed(
         **cause.caused(task_id=cp.assignment.task_id), kind=deps.kind.name, reason=reason, detail=detail,
         instruction=cp.assignment.instruction,
     )
-    return Outgoing(deps.topics.goals, failed, cp.assignment.goal_id)
+    return delegation.ended(deps.topics, cp.assignment, failed)

@@ -27,3 +27,8 @@ class AgentSettings(BaseSettings):
     """The same tool with the same arguments this many times in one task stops it as runaway."""
     loop_stale_steps: int = Field(default=3, ge=1)
     """This many steps in a row that bring back only results already seen stop it as runaway."""
+    delegation_max_depth: int = Field(default=2, ge=0, le=10)
+    """How deep subtasks may nest: a planned task is depth 0, what it delegates depth 1. A task at
+    this depth is refused a `delegate` call. 0 turns delegation off. Set the same on every kind."""
+    delegation_max_fanout: int = Field(default=3, ge=0)
+    """Subtasks one task may delegate in all (over all its steps); one more is refused."""

@@ -89,10 +89,24 @@ class ProgressView:
                 return (
                     f"[cyan]■ goal {event.to_state}[/] (was {event.from_state}, by {escape(event.requested_by)}){why}"
                 )
+            case GoalFallbackStarted():
+                return (
+                    f"[yellow]↯ agents failed[/] ({escape(event.reason)}): {short(event.detail)}\n"
+                    f"[cyan]→ fallback {escape(event.fallback)}[/] runs instead"
+                )
+            case GoalEscalated():
+                found = f"; {len(event.task_results)} task results kept" if event.task_results else ""
+                return (
+                    f"[yellow]↯ agents failed[/] ({escape(event.reason)}): {short(event.detail)}\n"
+                    f"[magenta]? waiting for a person[/]{found}: "
+                    f"switchboard goal answer {escape(event.goal_id)} \"...\" (or goal cancel)"
+                )
             case GoalLifecycleRejected():
                 return f"[yellow]! {event.action} rejected[/]: {escape(event.detail)}"
             case TaskAssigned():
-                return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]"
+                # A delegated subtask's id is its parent's plus `/<kind>-<n>`: `w1/researcher-1`.
+                by = f" (delegated, depth {event.depth})" if event.delegated_by else ""
+                return f"[cyan]→ task {_task(event)}[/] assigned to [bold]{escape(event.kind)}[/]{by}"
             case MemoryRecallRequested():
                 return f"  [magenta]memory[/] {_task(event)} recalls: {short(event.query, 60)}"
             case MemoryRecallCompleted():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.tools import TOOL_SPECS
+from schemas.tools import DELEGATE, TOOL_SPECS
 from services.runtime.errors import ConfigurationError
 
 PACKAGED_KINDS = Path(__file__).resolve().parents[1] / "agents" / "kinds"
@@ -25,6 +25,9 @@ class AgentKind(BaseModel):
     cache: bool = False
     """Answer this kind's model calls from the response cache when the same model, messages, tools
     and prompt version were answered before (services/runtime/llm.py). Off by default."""
+    delegates_to: tuple[str, ...] = ()
+    """The kinds this kind may hand subtasks to with the `delegate` tool, which it is offered only
+    when this is not empty (services/agents/delegation.py)."""
 
     @field_validator("tools")
     @classmethod
@@ -32,6 +35,10 @@ class AgentKind(BaseModel):
         unknown = sorted(set(tools) - set(TOOL_SPECS))
         if unknown:
             raise ValueError(f"unknown tools {unknown}; known tools are {sorted(TOOL_SPECS)}")
+        if DELEGATE in tools:
+            # One allowlist for delegation, the one that names the kinds: a bare `delegate` would
+            # allow every kind.
+            raise ValueError(f"{DELEGATE!r} is not listed in tools: name the kinds it may reach in delegates_to")
         return tools
 
 
@@ -39,6 +46,12 @@ class AgentCatalogue:
     def __init__(self, kinds: dict[str, AgentKind]) -> None:
         if not kinds:
             raise ConfigurationError("the agent catalogue is empty")
+        for kind in kinds.values():
+            unknown = sorted(set(kind.delegates_to) - set(kinds))
+            if unknown:
+                raise ConfigurationError(
+                    f"agent kind {kind.name!r} delegates to unknown kinds {unknown}; known kinds: {sorted(kinds)}"
+                )
         self.kinds = kinds
 
     @classmethod

@@ -90,3 +90,43 @@ def obedient(plan: list[str] | None = None, kind: str = "researcher", instructio
         return default_turn(messages, tools)
 
     return script
+
+
+_REFUSED = re.compile(r"ERROR: (delegation refused: [^\n]*)")
+_TASK = re.compile(r"^Task: (.*)$", re.MULTILINE)
+
+
+def other_kind(messages: list[dict[str, Any]]) -> str:
+    """The packaged kind this agent is not: its system prompt says which one it is."""
+    system = next((str(m.get("content") or "") for m in messages if m.get("role") == "system"), "")
+    return "researcher" if "You are a writer" in system else "writer"
+
+
+def delegating(plan_kind: str, delegators: tuple[str, ...] = ("researcher", "writer")) -> Any:
+    """Plans one task of `plan_kind`, which the kinds in `delegators` hand on (researcher to writer,
+    writer to researcher) with their own instruction, until a delegation is refused or a subtask
+    answers; each then answers with what came back: the refusal's reason, or `<kind> found: ` and
+    the first line of the subtask's answer. Kinds not in `delegators` behave as the default model."""
+
+    def script(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
+        role = role_of(messages)
+        if role == "planner":
+            goal = next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+            return Turn(content=json.dumps({"tasks": [{"id": "t1", "kind": plan_kind, "instruction": goal}]}))
+        if role != "agent":
+            return default_turn(messages, tools)
+        target = other_kind(messages)
+        data = latest_data(messages)
+        refused = _REFUSED.search(data)
+        if refused:
+            return Turn(content=f"stopped: {refused.group(1)}")
+        if any(m.get("role") == "tool" for m in messages):
+            body = re.search(r"<tool_output>\n(.*?)\n", data)
+            return Turn(content=f"{target} found: {body.group(1) if body else data}")
+        kind = "writer" if target == "researcher" else "researcher"
+        if kind not in delegators or "delegate" not in tools:
+            return default_turn(messages, tools)
+        task = _TASK.search(next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), ""))
+        return Turn(tool_calls=[ToolCall("delegate", {"kind": target, "instruction": task.group(1) if task else "help"})])
+
+    return script

@@ -148,7 +148,7 @@ async def test_the_endpoint_serves_steps_llm_usage_tool_latency_and_dead_letters
         assert total(samples, "switchboard_tool_seconds_count", tool=str(tool)) == runs, tool
     assert total(samples, "switchboard_tool_seconds_count") == len(executed)
     circuits = {labels["tool"]: value for name, labels, value in samples if name == "switchboard_circuit_state"}
-    assert circuits == {"calculator": 0, "http_get": 0, "save_note": 0}
+    assert circuits == {"calculator": 0, "http_get": 0, "save_note": 0, "arithmetic_answer": 0}
     assert total(samples, "switchboard_tool_errors_total") == 0
 
     # Dead letters and retries: the poison message, and as many retries as records on retry topics.

@@ -46,6 +46,11 @@ class RedisKeys:
         """A task's instruction, kept so its outcome or failure lesson can say what was asked."""
         return f"{self._tenant(tenant)}:task:{task_id}:brief"
 
+    def gateway_goal(self, tenant: str, goal_id: str) -> str:
+        """A goal the HTTP gateway accepted, so that it reads as `submitted` (not unknown) until
+        the orchestrator stores the goal's state."""
+        return f"{self._tenant(tenant)}:goal:{goal_id}:submission"
+
     def pending_approvals(self) -> str:
         """Every tenant's undecided approvals, scored by when they expire (`<tenant>/<id>`)."""
         return f"sb:{self.namespace}:approvals:pending"

@@ -70,6 +70,7 @@ class Role(str, Enum):
     agent = "agent"
     tools = "tools"
     memory = "memory"
+    gateway = "gateway"
     all = "all"
 
 
@@ -227,12 +228,23 @@ def serve(
 
     Needs KAFKA_BOOTSTRAP_SERVERS and REDIS_URL (start local ones with `make infra-up`).
     Start as many replicas of a role as you like: they share its consumer group.
-    `all` runs every role in this process (every agent kind).
+    `all` runs every consumer role in this process (every agent kind).
+    `gateway` runs the HTTP gateway instead (services/gateway): submit, follow and steer goals over
+    HTTP on GATEWAY_HOST:GATEWAY_PORT (default 127.0.0.1:8080); it needs GATEWAY_API_KEYS.
     Serves Prometheus metrics of every role it runs on SWITCHBOARD_METRICS_PORT (default 9464;
     0 turns it off): each process on one machine needs its own port.
     """
     settings = Settings()
     setup_logging(settings, quiet=False)
+    if role is Role.gateway:  # an HTTP server, not a consumer group member
+        from services.gateway.app import prepare
+
+        try:
+            server = prepare(settings)
+        except ConfigurationError as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from exc
+        raise typer.Exit(server.run())
     if role is Role.all:
         specs = _all_services(settings)
     elif role is Role.agent:

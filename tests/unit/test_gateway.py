@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from memory.keys import RedisKeys
 from memory.timeline import TimelineEntry
+from schemas.budget import BudgetLimits
 from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
@@ -34,6 +35,7 @@ from services.gateway.settings import GatewaySettings
 from services.ops.cli import app as cli
 from services.runtime.budget import BudgetLedger
 from services.runtime.errors import ConfigurationError, SwitchboardError
+from services.runtime.goal_types import GoalTypes
 from services.runtime.host import Settings
 from services.runtime.settings import BudgetSettings, KafkaSettings, RedisSettings
 from services.runtime.signing import SIGNATURE, Signer
@@ -203,6 +205,7 @@ def _deps(redis: Redis, keys: RedisKeys, topics: Topics, producer: Recorder) -> 
     return logic.GatewayDeps(
         redis=redis, streams=redis, producer=producer, keys=keys, topics=topics, signer=Signer("unit-key"),
         ledger=BudgetLedger(redis, keys, BudgetSettings()), settings=settings, slots=logic.StreamSlots(1),
+        goal_types=GoalTypes.load(),
     )
 
 
@@ -211,9 +214,17 @@ async def test_a_submitted_goal_is_published_signed_and_reads_as_submitted_at_on
 ) -> None:
     producer = Recorder()
     deps = _deps(redis, keys, topics, producer)
-    accepted = await logic.submit_goal(deps, "acme", GoalRequest(text="What is 12*7?", goal_type="lookup"))
+    accepted, fresh = await logic.submit_goal(deps, "acme", GoalRequest(text="What is 12*7?", goal_type="lookup"))
+    assert fresh
 
-    [sent] = producer.sent
+    assert (await logic.submit_goal(deps, "acme", GoalRequest(text="x", goal_type="lookup"), "retry-1"))[1]
+    assert not (await logic.submit_goal(deps, "acme", GoalRequest(text="x", goal_type="lookup"), "retry-1"))[1]
+    with pytest.raises(logic.UnknownGoalType, match="known goal types: \\['arithmetic', 'lookup', 'reviewed'\\]"):
+        await logic.submit_goal(deps, "acme", GoalRequest(text="x", goal_type="astrology"))
+    with pytest.raises(logic.OverCeiling, match="max_steps"):
+        await logic.submit_goal(deps, "acme", GoalRequest(text="x", budget=BudgetLimits(max_steps=10**9)))
+
+    [sent, _retried] = producer.sent  # the retry with the same Idempotency-Key published nothing
     event = decode_event(sent.value)
     assert isinstance(event, GoalSubmitted)
     assert (sent.topic, sent.key, event.goal_id, event.tenant, event.goal_type, event.submitted_by) == (

@@ -55,6 +55,7 @@ from services.runtime.budget import BudgetLedger, BudgetStatus
 from services.runtime.bus import Producer
 from services.runtime.errors import ConfigurationError, SwitchboardError
 from services.runtime.goal_types import GoalTypes
+from services.runtime.goal_view import GoalStateView
 from services.runtime.signing import SIGNATURE, Signer
 from services.runtime.tracecontext import child_traceparent, new_traceparent
 
@@ -178,24 +179,6 @@ class Submission(BaseModel):
     goal_type: str | None = None
 
 
-class _StoredTask(BaseModel):
-    """What the gateway reads of a task in the orchestrator's stored goal state."""
-
-    model_config = ConfigDict(extra="ignore")
-    task_id: str
-    status: str
-    planned: dict[str, Any]
-
-
-class _StoredGoal(BaseModel):
-    """What the gateway reads of the orchestrator's stored goal state (its GoalState document)."""
-
-    model_config = ConfigDict(extra="ignore")
-    status: GoalStateName
-    goal: dict[str, Any]
-    tasks: dict[str, _StoredTask] = {}
-
-
 def check_goal(deps: GatewayDeps, tenant: str, request: GoalRequest) -> None:
     """Raises for a goal the orchestrator would fail at once, with its message. Nothing is published."""
     if request.goal_type is not None:
@@ -261,7 +244,7 @@ async def require_goal(deps: GatewayDeps, tenant: str, goal_id: str) -> None:
 async def goal_status(deps: GatewayDeps, tenant: str, goal_id: str) -> GoalStatus:
     keys = deps.keys
     raw_state, raw_submission = await deps.redis.mget(keys.goal_state(tenant, goal_id), keys.gateway_goal(tenant, goal_id))
-    stored = _StoredGoal.model_validate_json(raw_state) if raw_state else None
+    stored = GoalStateView.model_validate_json(raw_state) if raw_state else None
     submission = Submission.model_validate_json(raw_submission) if raw_submission else None
     outcome = None
     if stored is None or stored.status in ("completed", "failed", "waiting_for_human"):
@@ -274,7 +257,7 @@ async def goal_status(deps: GatewayDeps, tenant: str, goal_id: str) -> GoalStatu
 
 
 def status_view(
-    tenant: str, goal_id: str, stored: _StoredGoal | None, submission: Submission | None,
+    tenant: str, goal_id: str, stored: GoalStateView | None, submission: Submission | None,
     outcome: TimelineEntry | None, budget: BudgetStatus | None,
 ) -> GoalStatus:
     """The goal as GET /goals/{id} shows it. The orchestrator's state wins; before it has stored

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import getpass
 import socket
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 from rich.markup import escape
 from rich.table import Table
@@ -25,6 +24,7 @@ from schemas.events import (
 )
 from services.ops.terminal import TenantOption, console, echo_json, err, reader_settings, run_async, setup_logging
 from services.runtime.budget import BudgetLedger
+from services.runtime.goal_view import GoalStateView
 from services.runtime.host import Settings
 
 GoalIdArgument = Annotated[str, typer.Argument(metavar="ID", help="The goal's id, as `goal submit` printed it.")]
@@ -122,24 +122,6 @@ def answer(
     raise typer.Exit(run_async(_ask(request, "answer", wait, timeout)))
 
 
-class _TaskView(BaseModel):
-    """What `status` reads of a task in the orchestrator's stored goal state."""
-
-    model_config = ConfigDict(extra="ignore")
-    task_id: str
-    status: str
-    planned: dict[str, Any]
-
-
-class _GoalView(BaseModel):
-    """What `status` reads of the orchestrator's stored goal state (its GoalState document)."""
-
-    model_config = ConfigDict(extra="ignore")
-    status: str
-    goal: dict[str, Any]
-    tasks: dict[str, _TaskView] = {}
-
-
 def status(goal_id: GoalIdArgument, tenant: TenantOption = None,
            json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False) -> None:
     """Show a goal's state, its tasks and what it has spent. Exits 2 for a goal the orchestrator
@@ -162,7 +144,7 @@ def status(goal_id: GoalIdArgument, tenant: TenantOption = None,
         if raw is None:
             err.print(f"[red]no goal {escape(goal_id)} for tenant {escape(owner)}[/]")
             return 2
-        view = _GoalView.model_validate_json(raw)
+        view = GoalStateView.model_validate_json(raw)
         tasks = [
             {"id": pid, "task_id": t.task_id, "kind": t.planned.get("kind"), "status": t.status}
             for pid, t in view.tasks.items()

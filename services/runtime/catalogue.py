@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,6 +43,21 @@ class AgentKind(BaseModel):
         return tools
 
 
+D = TypeVar("D", bound=BaseModel)
+
+
+def load_definitions(directory: Path, model: type[D], what: str) -> list[D]:
+    """Every `*.toml` file in `directory` as a `model`, in file name order. Raises
+    ConfigurationError naming the file (`invalid <what> <path>: ...`)."""
+    found: list[D] = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            found.append(model.model_validate(tomllib.loads(path.read_text())))
+        except (ValidationError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"invalid {what} {path}: {exc}") from exc
+    return found
+
+
 class AgentCatalogue:
     def __init__(self, kinds: dict[str, AgentKind]) -> None:
         if not kinds:
@@ -56,15 +72,8 @@ class AgentCatalogue:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> AgentCatalogue:
-        directory = directory or PACKAGED_KINDS
-        kinds: dict[str, AgentKind] = {}
-        for path in sorted(directory.glob("*.toml")):
-            try:
-                kind = AgentKind.model_validate(tomllib.loads(path.read_text()))
-            except (ValidationError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigurationError(f"invalid agent definition {path}: {exc}") from exc
-            kinds[kind.name] = kind
-        return cls(kinds)
+        kinds = load_definitions(directory or PACKAGED_KINDS, AgentKind, "agent definition")
+        return cls({kind.name: kind for kind in kinds})
 
     def get(self, name: str) -> AgentKind:
         try:

@@ -9,13 +9,13 @@ that actor exactly the tools its fallback names.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.tools import TOOL_SPECS
+from services.runtime.catalogue import load_definitions
 from services.runtime.errors import ConfigurationError
 
 PACKAGED_GOAL_TYPES = Path(__file__).resolve().parents[1] / "orchestrator" / "goal_types"
@@ -119,15 +119,8 @@ class GoalTypes:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> GoalTypes:
-        directory = directory or PACKAGED_GOAL_TYPES
-        types: dict[str, GoalType] = {}
-        for path in sorted(directory.glob("*.toml")):
-            try:
-                kind = GoalType.model_validate(tomllib.loads(path.read_text()))
-            except (ValidationError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigurationError(f"invalid goal type {path}: {exc}") from exc
-            types[kind.name] = kind
-        return cls(types)
+        types = load_definitions(directory or PACKAGED_GOAL_TYPES, GoalType, "goal type")
+        return cls({kind.name: kind for kind in types})
 
     def get(self, name: str) -> GoalType:
         """Raises ConfigurationError naming the known types."""

@@ -166,10 +166,10 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
         try:
             made = await make_plan(deps, goal, outputs)
         except Permanent as exc:
-            if not deps.goal_types.handles_failure(goal.goal_type):
-                raise
-            # The budget ran out while planning: the goal's type says what happens next.
-            return state, outputs + exc.outputs + await agent_path_failed(deps, state, goal, exc.reason, str(exc))
+            # E.g. the budget ran out: the submission is dead-lettered with the records of the calls
+            # made, and the dead letter finds the goal accepted (its type decides what follows).
+            exc.outputs = outputs + exc.outputs
+            raise
         if isinstance(made, str):
             return state, outputs + await agent_path_failed(deps, state, goal, "invalid_plan", made)
         state.status = transition(goal.goal_id, state.status, "running")

@@ -30,7 +30,7 @@ from schemas.events import (
 from schemas.topics import Topics
 from services.orchestrator import fallback, logic
 from services.runtime.catalogue import AgentCatalogue
-from services.runtime.errors import ConfigurationError, GoalStopped, ToolDenied
+from services.runtime.errors import ConfigurationError, DeadlineExceeded, GoalStopped, ToolDenied
 from services.runtime.goal_types import GoalType, GoalTypes
 from services.runtime.idempotency import SideEffectGuard
 from services.runtime.offline_model import Turn
@@ -201,7 +201,7 @@ async def test_a_plan_that_cannot_be_made_runs_the_fallback(redis: Redis, keys: 
     assert [c.tool for c in of(outputs, ToolCallRequested)] == ["arithmetic_answer"]
 
 
-async def test_a_budget_that_runs_out_while_planning_runs_the_fallback(
+async def test_a_budget_that_runs_out_while_planning_dead_letters_the_submission_then_runs_the_fallback(
     redis: Redis, keys: RedisKeys, topics: Topics
 ) -> None:
     deps = deps_with_types(redis, keys, topics)
@@ -209,7 +209,10 @@ async def test_a_budget_that_runs_out_while_planning_runs_the_fallback(
     goal = typed("arithmetic").model_copy(
         update={"budget": BudgetLimits(deadline_s=30), "ts": datetime.now(UTC) - timedelta(seconds=60)}
     )
-    outputs = await logic.plan_goal(deps, goal)
+    with pytest.raises(DeadlineExceeded):  # the submission is dead-lettered ...
+        await logic.plan_goal(deps, goal)
+    assert (await state_of(deps)).status == "planning"  # ... and the goal was accepted first
+    outputs = await logic.fail_on_dead_letter(deps, dead_lettered(goal, "deadline_exceeded"))
     [started] = of(outputs, GoalFallbackStarted)
     assert started.reason == "deadline_exceeded"
     assert [c.tool for c in of(outputs, ToolCallRequested)] == ["arithmetic_answer"]

@@ -30,6 +30,11 @@ never share a count. The metrics:
   the dead-letter reasons.
 - `switchboard_retries_total{service,topic,attempt}`: messages parked in `<topic>.retry.<attempt>`
   after their `attempt`-th attempt failed with a transient error.
+- `switchboard_goal_outcomes_total{outcome}`: how goals end, and when their agents fail, what
+  follows, counted as the orchestrator produces the event: `completed_by_agent`,
+  `completed_by_fallback`, `completed_by_human`, `failed`, `cancelled`, `fallback_started`,
+  `escalated`. A message redelivered after a crash re-produces its events, so a count may
+  exceed the goals by that.
 
 Every label value comes from a bounded set (the platform's own names), never from message
 content, so a flood of odd messages cannot grow the series without limit. The process's own
@@ -55,7 +60,15 @@ from prometheus_client import (
     start_http_server,
 )
 
-from schemas.events import LLMCallRecorded
+from schemas.envelope import Envelope
+from schemas.events import (
+    GoalCompleted,
+    GoalEscalated,
+    GoalFailed,
+    GoalFallbackStarted,
+    GoalStateChanged,
+    LLMCallRecorded,
+)
 from services.runtime.errors import ConfigurationError
 
 log = logging.getLogger("switchboard.metrics")
@@ -67,6 +80,22 @@ NOT_AN_EVENT = "unknown"
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # Steps wait for model calls (seconds to a minute); tools have timeouts of seconds to minutes.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def goal_outcome(event: Envelope) -> str | None:
+    """The `outcome` label of a goal-level event, or None for any other event."""
+    match event:
+        case GoalCompleted():
+            return f"completed_by_{event.path}"
+        case GoalFailed():
+            return "failed"
+        case GoalStateChanged() if event.to_state == "cancelled":
+            return "cancelled"
+        case GoalFallbackStarted():
+            return "fallback_started"
+        case GoalEscalated():
+            return "escalated"
+    return None
 
 
 class Metrics:
@@ -115,6 +144,10 @@ class Metrics:
             "switchboard_retries_total", "Messages parked in a retry topic after a transient failure.",
             ["service", "topic", "attempt"], registry=r,
         )
+        self.goal_outcomes = Counter(
+            "switchboard_goal_outcomes_total", "How goals end, and what follows when their agents fail.",
+            ["outcome"], registry=r,
+        )
 
     def step(self, service: str, event_type: str, outcome: StepOutcome, seconds: float) -> None:
         self.steps.labels(service, event_type, outcome).inc()
@@ -125,6 +158,12 @@ class Metrics:
 
     def retry(self, service: str, topic: str, attempt: int) -> None:
         self.retries.labels(service, topic, str(attempt)).inc()
+
+    def produced(self, event: Envelope) -> None:
+        """Counts a goal's ending or change of path among a handler's produced events."""
+        outcome = goal_outcome(event)
+        if outcome is not None:
+            self.goal_outcomes.labels(outcome).inc()
 
     def llm_call(self, record: LLMCallRecorded) -> None:
         self.llm_calls.labels(record.model, record.agent, record.purpose).inc()

@@ -300,6 +300,7 @@ class MessagePipeline:
             headers = {"event_type": out.event.event_type, SIGNATURE: self.signer.sign(value)}
             inject(headers, delivery.headers)
             await self._send(out.topic, out.key.encode(), value, headers)
+            self.metrics.produced(out.event)
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]

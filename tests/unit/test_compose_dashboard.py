@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas.events import LLMCallRecorded
+from schemas.events import GoalFailed, LLMCallRecorded
 from services.ops.lag import GroupLag, LagStatus, PartitionLag
 from services.ops.lag_cli import LagCollector
 from services.runtime.metrics import Metrics
@@ -47,6 +47,7 @@ def _record_once(metrics: Metrics) -> None:
     ))
     metrics.tool_call("calculator", 0.2, "failed")
     metrics.circuit("calculator", "open")
+    metrics.produced(GoalFailed(tenant="acme", goal_id="g1", reason="runaway_loop"))
 
 
 def _lag_collector() -> LagCollector:

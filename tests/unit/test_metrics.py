@@ -14,7 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from schemas.envelope import Envelope
-from schemas.events import GoalSubmitted, LLMCallRecorded
+from schemas.events import (
+    GoalCompleted,
+    GoalEscalated,
+    GoalFailed,
+    GoalFallbackStarted,
+    GoalStateChanged,
+    GoalSubmitted,
+    LLMCallRecorded,
+)
 from services.ops.cli import app
 from services.runtime.bus import Delivery, Outgoing, Subscription
 from services.runtime.errors import ConfigurationError, Retryable
@@ -71,6 +79,33 @@ async def test_a_handled_event_counts_one_ok_step_and_its_latency() -> None:
     assert metrics.value("switchboard_steps_total", **step, outcome="ok") == 1
     assert metrics.value("switchboard_step_seconds_count", **step) == 1
     assert metrics.value("switchboard_step_seconds_sum", **step) > 0
+
+
+async def test_goal_endings_and_changes_of_path_are_counted_as_they_are_produced() -> None:
+    metrics = Metrics()
+    ends = [
+        GoalCompleted(**GOAL.caused(), answer="4"),
+        GoalCompleted(**GOAL.caused(), answer="4", path="fallback", fallback="arithmetic_answer"),
+        GoalCompleted(**GOAL.caused(), answer="4", path="human", answered_by="ana"),
+        GoalFailed(**GOAL.caused(), reason="runaway_loop"),
+        GoalFallbackStarted(**GOAL.caused(), fallback="arithmetic_answer", reason="budget_exceeded"),
+        GoalEscalated(**GOAL.caused(), reason="budget_exceeded", goal_text=GOAL.text),
+        GoalStateChanged(**GOAL.caused(), from_state="running", to_state="cancelled", action="cancel", requested_by="ops"),
+        GoalStateChanged(**GOAL.caused(), from_state="running", to_state="paused", action="pause", requested_by="ops"),
+    ]
+
+    async def ending(event: Envelope, _: Delivery) -> list[Outgoing]:
+        return [Outgoing("t.progress", e, e.goal_id) for e in ends]
+
+    pipe, producer = pipeline(ending, metrics)
+    await pipe.process(delivery(GOAL.to_bytes()))
+    assert len(producer.sent) == len(ends)
+    counted = {
+        outcome: metrics.value("switchboard_goal_outcomes_total", outcome=outcome)
+        for outcome in ("completed_by_agent", "completed_by_fallback", "completed_by_human", "failed",
+                        "fallback_started", "escalated", "cancelled")
+    }
+    assert counted == dict.fromkeys(counted, 1.0)  # a pause is no outcome
 
 
 async def test_a_poison_message_counts_a_dead_letter_by_topic_and_reason() -> None:

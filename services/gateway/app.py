@@ -94,9 +94,11 @@ class _KafkaSender:
         await self.producer.send_and_wait(topic, value, key=key, headers=encoded)
 
 
-def create_app(settings: Settings, gateway: GatewaySettings) -> FastAPI:
-    """The gateway's ASGI app. Raises ConfigurationError when it could not serve anyone: no API
-    keys, no Redis URL, no Kafka, or a broken agent catalogue."""
+def create_app(settings: Settings, gateway: GatewaySettings, metrics: Metrics | None = None) -> FastAPI:
+    """The gateway's ASGI app; it counts its requests and streams in `metrics` (the process's).
+    Raises ConfigurationError when it could not serve anyone: no API keys, no Redis URL, no
+    Kafka, or a broken agent catalogue."""
+    metrics = metrics or Metrics()
     if not gateway.api_keys:
         raise ConfigurationError(
             'GATEWAY_API_KEYS is not set: the gateway serves only requests with an API key. Set it to a JSON '
@@ -127,7 +129,8 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> FastAPI:
             app.state.deps = logic.GatewayDeps(
                 redis=requests, streams=streams, producer=_KafkaSender(producer), keys=keys, topics=topics,
                 signer=Signer.from_setting(platform.signing_key), ledger=BudgetLedger(requests, keys, settings.budget),
-                settings=gateway, slots=logic.StreamSlots(gateway.max_streams), goal_types=goal_types,
+                settings=gateway, slots=logic.StreamSlots(gateway.max_streams, metrics=metrics), goal_types=goal_types,
+                metrics=metrics,
             )
             yield
         finally:
@@ -142,7 +145,9 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.metrics = metrics
     _errors(app)
+    _count_requests(app, metrics)
     app.include_router(routes)
     _document_goal_types(app, sorted(goal_types.types))
     return app
@@ -162,6 +167,21 @@ def _document_goal_types(app: FastAPI, names: list[str]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _count_requests(app: FastAPI, metrics: Metrics) -> None:
+    """Every answered request, by its route's template, method and status (a crash counts as 500)."""
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.gateway_request(getattr(route, "path", "unmatched"), request.method, status)
 
 
 def _errors(app: FastAPI) -> None:
@@ -352,6 +372,7 @@ async def _frames(deps: logic.GatewayDeps, key: str, resume: stream.Resume) -> A
         async for batch in stream.follow(deps.streams, key, resume.cursor, deps.settings.stream_block_ms):
             for frame in stream.frames(batch, resume.seen):
                 yield ServerSentEvent(data=frame.data_json, event=frame.event, id=frame.id)
+                deps.metrics.gateway_events.inc()
                 if frame.ends:
                     return
     finally:
@@ -380,7 +401,8 @@ def prepare(settings: Settings) -> GatewayServer:
     """The server `switchboard serve gateway` runs. Raises ConfigurationError (nothing started)
     for settings it could not serve with, e.g. no GATEWAY_API_KEYS."""
     gateway = GatewaySettings.from_env()
-    app = create_app(settings, gateway)
+    metrics = Metrics()
+    app = create_app(settings, gateway, metrics)
     if settings.platform.signing_key is None:
         log.warning(
             "SWITCHBOARD_SIGNING_KEY is not set: the gateway signs what it publishes with the development key, "
@@ -388,5 +410,5 @@ def prepare(settings: Settings) -> GatewayServer:
         )
     # log_config=None: the platform's logging (set up by the CLI) stays in charge of uvicorn's loggers.
     config = uvicorn.Config(app, host=gateway.host, port=gateway.port, lifespan="on", log_config=None)
-    endpoint = serve_metrics(Metrics(), settings.platform.metrics_host, settings.platform.metrics_port)
+    endpoint = serve_metrics(metrics, settings.platform.metrics_host, settings.platform.metrics_port)
     return GatewayServer(uvicorn.Server(config), endpoint)

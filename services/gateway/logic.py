@@ -56,6 +56,7 @@ from services.runtime.bus import Producer
 from services.runtime.errors import ConfigurationError, SwitchboardError
 from services.runtime.goal_types import GoalTypes
 from services.runtime.goal_view import GoalStateView
+from services.runtime.metrics import Metrics
 from services.runtime.signing import SIGNATURE, Signer
 from services.runtime.tracecontext import child_traceparent, new_traceparent
 
@@ -89,6 +90,8 @@ class StreamSlots:
 
     limit: int
     open: int = 0
+    metrics: Metrics | None = None
+    """Where the number open is shown (switchboard_gateway_streams)."""
 
     def check(self) -> None:
         """Raises Busy when every slot is taken."""
@@ -97,15 +100,21 @@ class StreamSlots:
 
     def take(self) -> None:
         self.check()
-        self.open += 1
+        self.admit()
 
     def admit(self) -> None:
         """Take a slot without checking: for a stream whose request was checked before its
         response started (a response may never start, so it takes its slot only once it does)."""
         self.open += 1
+        self._show()
 
     def give_back(self) -> None:
         self.open -= 1
+        self._show()
+
+    def _show(self) -> None:
+        if self.metrics is not None:
+            self.metrics.gateway_streams.set(self.open)
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,8 @@ class GatewayDeps:
     settings: GatewaySettings
     slots: StreamSlots
     goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
+    metrics: Metrics = field(default_factory=Metrics)
+    """The process's metrics: requests, open streams, events streamed."""
 
 
 # ---- who is asking ----------------------------------------------------------------------------

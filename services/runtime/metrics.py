@@ -35,6 +35,10 @@ never share a count. The metrics:
   `completed_by_fallback`, `completed_by_human`, `failed`, `cancelled`, `fallback_started`,
   `escalated`. A message redelivered after a crash re-produces its events, so a count may
   exceed the goals by that.
+- `switchboard_gateway_requests_total{route,method,status}`: requests the HTTP gateway answered;
+  `route` is the route's template (`/goals/{goal_id}`), `unmatched` for a path it does not serve.
+- `switchboard_gateway_streams`: event streams and `?wait=true` requests the gateway has open.
+- `switchboard_gateway_events_streamed_total`: server-sent events the gateway sent.
 
 Every label value comes from a bounded set (the platform's own names), never from message
 content, so a flood of odd messages cannot grow the series without limit. The process's own
@@ -144,6 +148,16 @@ class Metrics:
             "switchboard_retries_total", "Messages parked in a retry topic after a transient failure.",
             ["service", "topic", "attempt"], registry=r,
         )
+        self.gateway_requests = Counter(
+            "switchboard_gateway_requests_total", "Requests the HTTP gateway answered.",
+            ["route", "method", "status"], registry=r,
+        )
+        self.gateway_streams = Gauge(
+            "switchboard_gateway_streams", "Event streams and waiting requests the HTTP gateway has open.", registry=r,
+        )
+        self.gateway_events = Counter(
+            "switchboard_gateway_events_streamed_total", "Server-sent events the HTTP gateway sent.", registry=r,
+        )
         self.goal_outcomes = Counter(
             "switchboard_goal_outcomes_total", "How goals end, and what follows when their agents fail.",
             ["outcome"], registry=r,
@@ -164,6 +178,9 @@ class Metrics:
         outcome = goal_outcome(event)
         if outcome is not None:
             self.goal_outcomes.labels(outcome).inc()
+
+    def gateway_request(self, route: str, method: str, status: int) -> None:
+        self.gateway_requests.labels(route, method, str(status)).inc()
 
     def llm_call(self, record: LLMCallRecorded) -> None:
         self.llm_calls.labels(record.model, record.agent, record.purpose).inc()

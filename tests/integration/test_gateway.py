@@ -24,6 +24,7 @@ from schemas.events import GoalCompleted, GoalPlanned, GoalStateChanged, GoalSub
 from schemas.topics import Topics
 from services.gateway.app import create_app
 from services.runtime.host import Settings
+from services.runtime.metrics import Metrics
 from tests.integration.conftest import EVERY_SERVICE, KINDS, serving
 from tests.support.gateway import DEFAULT, OTHER, gateway_settings, read_frames, running_gateway
 from tests.support.kafka import TopicWatch, eventually
@@ -54,14 +55,20 @@ async def test_a_client_receives_every_event_of_its_goal_in_order_until_it_compl
     settings: Settings, redis: Redis
 ) -> None:
     t = Topics(settings.platform.namespace, KINDS)
+    metrics = Metrics()
     async with (
         serving(EVERY_SERVICE, settings),
-        running_gateway(settings) as url,
+        running_gateway(settings, metrics) as url,
         TopicWatch(settings.kafka, [t.progress]) as watch,
         httpx.AsyncClient(base_url=url, headers=DEFAULT, timeout=30) as client,
     ):
         goal_id = await submit(client)
         frames = await read_frames(client, goal_id)
+
+        async def stream_closed() -> bool:  # the server gives the stream's slot back once it has ended
+            return metrics.value("switchboard_gateway_streams") == 0
+
+        await eventually(stream_closed)
         await watch.event(GoalCompleted, goal_id=goal_id)
         progress = [s.event for s in await watch.caught_up() if s.event is not None and s.event.goal_id == goal_id]
     record = through_end(await timeline(redis, settings).read("default", goal_id))
@@ -79,18 +86,28 @@ async def test_a_client_receives_every_event_of_its_goal_in_order_until_it_compl
     calls = [f.data for f in frames if f.event == "llm.call_recorded"]
     assert calls and all("messages" not in c and "response" not in c for c in calls)
     assert all({"input_tokens", "output_tokens", "cost_usd", "model", "agent"} <= c.keys() for c in calls)
+    # The gateway's metrics count what it sent and answered.
+    assert metrics.value("switchboard_gateway_events_streamed_total") == len(frames)
+    assert metrics.value("switchboard_gateway_requests_total", route="/goals", method="POST", status="202") == 1
+    assert metrics.value("switchboard_gateway_requests_total", route="/goals/{goal_id}/events", method="GET", status="200") == 1
 
 
 async def test_a_client_that_reconnects_with_last_event_id_gets_every_event_exactly_once(
     settings: Settings, redis: Redis
 ) -> None:
+    metrics = Metrics()
     async with (
         serving(EVERY_SERVICE, settings),
-        running_gateway(settings) as url,
+        running_gateway(settings, metrics) as url,
         httpx.AsyncClient(base_url=url, headers=DEFAULT, timeout=30) as client,
     ):
         goal_id = await submit(client)
         first = await read_frames(client, goal_id, limit=4)  # then the connection drops
+
+        async def slot_given_back() -> bool:  # the server noticed the client left
+            return metrics.value("switchboard_gateway_streams") == 0
+
+        await eventually(slot_given_back)
         rest = await read_frames(client, goal_id, last_event_id=first[-1].id)
         # The goal's last event delivered: a reconnect gets 204, so an EventSource stops trying.
         done = await client.get(f"/goals/{goal_id}/events", headers={"Last-Event-ID": rest[-1].id})

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.runtime.host import Settings
+from services.runtime.metrics import Metrics
 from tests.support.kafka import eventually
 
 KEYS = {"key-default": "default", "key-other": "other"}
@@ -31,9 +32,9 @@ def gateway_settings(**overrides: Any) -> GatewaySettings:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings, **overrides: Any) -> AsyncIterator[str]:
-    """Serve the gateway until the block ends; yields its base URL."""
-    app = create_app(settings, gateway_settings(**overrides))
+async def running_gateway(settings: Settings, metrics: Metrics | None = None, **overrides: Any) -> AsyncIterator[str]:
+    """Serve the gateway until the block ends, counting in `metrics`; yields its base URL."""
+    app = create_app(settings, gateway_settings(**overrides), metrics)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None)
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread's run(); serve() here leaves them be.

@@ -48,6 +48,9 @@ def _record_once(metrics: Metrics) -> None:
     metrics.tool_call("calculator", 0.2, "failed")
     metrics.circuit("calculator", "open")
     metrics.produced(GoalFailed(tenant="acme", goal_id="g1", reason="runaway_loop"))
+    metrics.gateway_request("/goals/{goal_id}", "GET", 200)
+    metrics.gateway_streams.set(1)
+    metrics.gateway_events.inc()
 
 
 def _lag_collector() -> LagCollector:

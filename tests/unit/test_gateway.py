@@ -324,3 +324,27 @@ def test_the_openapi_document_declares_the_api_key_and_the_errors_of_every_opera
 def test_the_gateway_will_not_be_built_without_api_keys() -> None:
     with pytest.raises(ConfigurationError, match="GATEWAY_API_KEYS is not set"):
         create_app(_offline_settings(), GatewaySettings())
+
+
+async def test_every_answered_request_is_counted_by_route_template_method_and_status() -> None:
+    import httpx
+
+    from services.runtime.metrics import Metrics
+
+    metrics = Metrics()
+    app = create_app(_offline_settings(), GatewaySettings(api_keys=KEYS), metrics)
+    # No lifespan: nothing connects; these requests are answered before any client is needed.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/goals/g-1")).status_code == 401
+        assert (await client.get("/goals/g-2", headers={"X-API-Key": "wrong"})).status_code == 401
+        assert (await client.get("/nothing/here")).status_code == 404
+    counted = {
+        (route, method, status): metrics.value(
+            "switchboard_gateway_requests_total", route=route, method=method, status=status,
+        )
+        for route, method, status in (
+            ("/healthz", "GET", "200"), ("/goals/{goal_id}", "GET", "401"), ("unmatched", "GET", "404"),
+        )
+    }
+    assert counted == {("/healthz", "GET", "200"): 1, ("/goals/{goal_id}", "GET", "401"): 2, ("unmatched", "GET", "404"): 1}

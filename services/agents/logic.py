@@ -172,6 +172,12 @@ async def start_task(deps: AgentDeps, event: TaskAssigned) -> list[Outgoing]:
                 return (cp, resent) if resent else (None, [])
             return None, []  # already started under another assignment event
         cp = TaskCheckpoint(assignment=event)
+        if event.delegated_by is not None and event.depth > deps.delegation.max_depth:
+            # The delegating agent checks the bound; one configured with a looser bound than this
+            # kind's is answered with the refusal, as a failed subtask (and no model call).
+            detail = f"depth {event.depth} is beyond this kind's limit {deps.delegation.max_depth}"
+            log.warning("task %s refused: %s", event.task_id, detail)
+            return cp, fail(deps, cp, event, "delegation_depth", detail)
         if deps.recall_k == 0:
             return cp, await think(deps, cp, event)
         request = MemoryRecallRequested(

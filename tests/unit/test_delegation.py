@@ -154,6 +154,22 @@ async def test_a_failed_subtask_is_an_error_result_for_the_delegating_task(redis
     )
 
 
+async def test_a_subtask_deeper_than_its_own_kinds_limit_is_refused_without_a_model_call(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    """The delegating agent had a looser limit than this kind's: the subtask answers with the refusal."""
+    model = Recorded(Turn(content="never asked"))
+    researcher = deps_for(redis, keys, topics, RESEARCHER, model, delegation=DelegationPolicy(max_depth=1))
+    outputs = await logic.start_task(researcher, task("researcher", "g1.w1/researcher-1/writer-1/researcher-1", depth=3,
+                                                      chain=("writer", "researcher", "writer")))
+    [reply] = events_of(outputs, ToolCallCompleted)
+    assert not reply.ok and reply.task_id == "g1.x" and reply.error == (
+        "delegated task g1.w1/researcher-1/writer-1/researcher-1 (researcher) failed: delegation_depth: "
+        "depth 3 is beyond this kind's limit 1"
+    )
+    assert researcher.llm.offline.calls == 0
+
+
 async def test_delegate_is_refused_to_a_kind_without_delegates_to_and_for_a_kind_not_listed(
     redis: Redis, keys: RedisKeys, topics: Topics
 ) -> None:

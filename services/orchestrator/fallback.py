@@ -36,12 +36,14 @@ if TYPE_CHECKING:
 
 
 class FallbackRun(BaseModel):
-    """A fallback under way: why the agent path failed, and the outputs of its calls so far."""
+    """A goal's fallback: why the agent path failed, and the outputs of its calls so far."""
 
     name: str
     reason: str
     detail: str = ""
     outputs: list[str] = []
+    started: bool = False
+    """False while the agents failed on a paused goal: the fallback starts when it is resumed."""
 
 
 def fallback_task_id(goal_id: str) -> str:
@@ -64,11 +66,12 @@ async def agent_path_failed(
     kind = goal_type_of(deps, state)
     origin = cause.model_copy(update={"task_id": None})
     if kind is not None and kind.fallback is not None and state.fallback is None:
+        state.fallback = FallbackRun(name=kind.fallback_name, reason=reason, detail=detail)
+        if state.status == "paused":
+            return []  # nothing runs while the goal is paused: the fallback starts at its resume
         if state.status != "running":
             state.status = transition(goal_id, state.status, "running")
-        state.fallback = FallbackRun(name=kind.fallback_name, reason=reason, detail=detail)
-        started = GoalFallbackStarted(**origin.caused(), fallback=kind.fallback_name, reason=reason, detail=detail)
-        return [Outgoing(deps.topics.progress, started, goal_id), fallback_call(deps, state, kind, origin)]
+        return continue_fallback(deps, state, origin)
     if kind is not None and kind.on_failure == "escalate":
         state.status = transition(goal_id, state.status, "waiting_for_human")
         escalated = GoalEscalated(
@@ -79,6 +82,24 @@ async def agent_path_failed(
     state.status = transition(goal_id, state.status, "failed")
     failed = GoalFailed(**origin.caused(), reason=reason, detail=detail, figures=figures or {})
     return [Outgoing(deps.topics.progress, failed, goal_id)]
+
+
+def continue_fallback(deps: OrchestratorDeps, state: GoalState, cause: Envelope) -> list[Outgoing]:
+    """Start the running goal's fallback, or go on with it after a pause: its next call, or the
+    answer once every call has returned. A call that was in flight at the pause is asked again
+    (its first result is applied, a second one is ignored; a side effect runs once)."""
+    kind = goal_type_of(deps, state)
+    run = state.fallback
+    assert kind is not None and kind.fallback is not None and run is not None
+    origin = cause.model_copy(update={"task_id": None})
+    outputs: list[Outgoing] = []
+    if not run.started:
+        run.started = True
+        started = GoalFallbackStarted(**origin.caused(), fallback=run.name, reason=run.reason, detail=run.detail)
+        outputs.append(Outgoing(deps.topics.progress, started, state.goal.goal_id))
+    if len(run.outputs) < len(kind.fallback.plan()):
+        return outputs + [fallback_call(deps, state, kind, origin)]
+    return outputs + [completed(deps, state, origin, answer_of(run), path="fallback")]
 
 
 def completed_results(state: GoalState) -> dict[str, str]:
@@ -108,23 +129,23 @@ def fallback_call(deps: OrchestratorDeps, state: GoalState, kind: GoalType, caus
 
 async def fallback_result(deps: OrchestratorDeps, event: ToolCallCompleted) -> list[Outgoing]:
     """One of the fallback's calls returned: the next call, or the goal's answer, which names the
-    fallback; a call that failed fails the fallback (the goal escalates or fails)."""
+    fallback; a call that failed fails the fallback (the goal escalates or fails). A result that
+    returns while the goal is paused is kept; the resume goes on from it."""
 
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
-        if state is None or state.fallback is None or state.status != "running":
+        if state is None or state.fallback is None or state.status not in ("running", "paused"):
             return None, []
         kind = goal_type_of(deps, state)
         index = event.call_id.rpartition(":")[2]
         if kind is None or kind.fallback is None or index != str(len(state.fallback.outputs)):
             return None, []  # a duplicate, or a call of an earlier attempt
-        plan = kind.fallback.plan()
         if not event.ok:
             detail = f"fallback {state.fallback.name} call {index} ({event.tool}) failed: {event.error}"
             return state, await agent_path_failed(deps, state, event, "fallback_failed", detail)
         state.fallback.outputs.append(event.output)
-        if len(state.fallback.outputs) < len(plan):
-            return state, [fallback_call(deps, state, kind, event)]
-        return state, [completed(deps, state, event, answer_of(state.fallback), path="fallback")]
+        if state.status == "paused":
+            return state, []
+        return state, continue_fallback(deps, state, event)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)
     return await deps.ledger.apply(key, event.event_id, step)

@@ -35,7 +35,7 @@ from schemas.events import (
 )
 from schemas.plan import Plan, PlannedTask
 from schemas.topics import Topics
-from services.orchestrator.fallback import FallbackRun, agent_path_failed, fallback_task_id
+from services.orchestrator.fallback import FallbackRun, agent_path_failed, continue_fallback, fallback_task_id
 from services.orchestrator.lifecycle import IllegalTransition, requested, transition
 from services.runtime.budget import BudgetLedger
 from services.runtime.bus import Outgoing
@@ -352,7 +352,10 @@ async def change_lifecycle(deps: OrchestratorDeps, event: GoalLifecycleRequested
             requested_by=event.requested_by, reason=event.reason,
         )
         outputs = [Outgoing(deps.topics.progress, changed, event.goal_id)]
-        if state.status == "running":
+        if state.status == "running" and state.fallback is not None:
+            # The agents failed: their tasks stay stopped, and the fallback goes on (or starts).
+            outputs += continue_fallback(deps, state, event)
+        elif state.status == "running":
             outputs += await resume_tasks(deps, state, event)
             outputs += await advance(deps, state, event)  # results that came in while it was paused
         else:

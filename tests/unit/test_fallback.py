@@ -277,3 +277,44 @@ async def test_arithmetic_answer_computes_every_expression_and_refuses_text_with
     assert await run(FallbackFunctionArgs(goal_text=text), context) == "12*7 = 84\n(2+3)*4^2 = 80\n10/4 = 2.5"
     with pytest.raises(ToolUsageError, match="no arithmetic expression"):
         await run(FallbackFunctionArgs(goal_text="What is Apache Kafka?"), context)
+
+
+async def test_agents_that_fail_while_the_goal_is_paused_start_its_fallback_only_at_the_resume(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    from tests.unit.test_lifecycle import asked
+
+    deps = deps_with_types(redis, keys, topics)
+    [r1, _] = of(await logic.plan_goal(deps, typed("arithmetic")), TaskAssigned)
+    await logic.change_lifecycle(deps, asked("pause"))
+    # The call in flight at the pause fails: nothing runs while the goal is paused.
+    assert await logic.record_task_result(deps, TaskFailed(**r1.caused(), kind="researcher", reason="max_steps")) == []
+    assert (await state_of(deps)).status == "paused"
+
+    outputs = await logic.change_lifecycle(deps, asked("resume"))
+    [changed] = of(outputs, GoalStateChanged)
+    assert (changed.from_state, changed.to_state) == ("paused", "running")
+    [started] = of(outputs, GoalFallbackStarted)
+    assert started.reason == "task_failed:max_steps"
+    assert [c.tool for c in of(outputs, ToolCallRequested)] == ["arithmetic_answer"]
+    assert of(outputs, TaskAssigned) == []  # the agents' tasks stay stopped ...
+    with pytest.raises(GoalStopped):  # ... and so does their budget
+        await deps.budget.admit("acme", "g1", est_tokens=1, est_cost=0)
+
+
+async def test_a_fallback_paused_mid_way_keeps_the_result_that_came_in_and_answers_at_the_resume(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    from tests.unit.test_lifecycle import asked
+
+    deps = deps_with_types(redis, keys, topics)
+    [r1, *_] = of(await logic.plan_goal(deps, typed("noted-sum", "Sum it up")), TaskAssigned)
+    [first] = of(await logic.fail_on_dead_letter(deps, dead_lettered(r1, "runaway")), ToolCallRequested)
+    await logic.change_lifecycle(deps, asked("pause"))
+    assert await fallback.fallback_result(deps, reply(first, "6*7 = 42")) == []  # kept; nothing sent while paused
+    outputs = await logic.change_lifecycle(deps, asked("resume"))
+    [second] = of(outputs, ToolCallRequested)
+    assert second.tool == "save_note" and "6*7 = 42" in second.arguments["body"]
+    assert of(outputs, GoalFallbackStarted) == []  # it had started before the pause
+    [done] = of(await fallback.fallback_result(deps, reply(second, "saved note sum")), GoalCompleted)
+    assert (done.path, done.fallback, done.answer) == ("fallback", "sum-and-note", "saved note sum")

@@ -11,6 +11,7 @@ from typing import Any
 from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
     GoalPlanned,
     GoalReopened,
@@ -63,6 +64,9 @@ class TopSnapshot:
     window_s: float
     """What the rates are measured over: the sliding window, or the time since the start when shorter."""
     goals_in_flight: int
+    goals_waiting_for_human: int
+    """Goals whose agents failed and whose type escalates, until a person answers or cancels them
+    (not counted in flight)."""
     steps_per_s: dict[str, float]
     """Agent steps (model calls with purpose `step`) per second, by agent kind."""
     llm_calls_per_s: float
@@ -90,6 +94,7 @@ class TopStats:
         self.started = started
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._in_flight: dict[str, str] = {}
+        self._waiting: set[str] = set()
         """Goal id to tenant, for goals submitted, planned or reopened and not finished since."""
         self._finished: set[str] = set()
         self._calls: deque[_Call] = deque()
@@ -121,6 +126,10 @@ class TopStats:
                 # Topics are read side by side: a goal's end may be read before its submission.
                 if item.goal_id not in self._finished:
                     self._in_flight[item.goal_id] = item.tenant
+            case GoalEscalated():
+                self._in_flight.pop(item.goal_id, None)
+                if item.goal_id not in self._finished:
+                    self._waiting.add(item.goal_id)
             case GoalReopened():
                 self._finished.discard(item.goal_id)
                 self._in_flight[item.goal_id] = item.tenant
@@ -145,6 +154,7 @@ class TopStats:
 
     def _finish(self, goal_id: str) -> None:
         self._in_flight.pop(goal_id, None)
+        self._waiting.discard(goal_id)
         self._finished.add(goal_id)
 
     def _prune(self, now: float) -> None:
@@ -176,6 +186,7 @@ class TopStats:
         return TopSnapshot(
             window_s=span,
             goals_in_flight=len(self._in_flight),
+            goals_waiting_for_human=len(self._waiting),
             steps_per_s={kind: per_s(n) for kind, n in sorted(steps.items())},
             llm_calls_per_s=per_s(len(self._calls)),
             tokens_per_s=per_s(sum(c.tokens for c in self._calls)),

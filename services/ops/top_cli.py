@@ -107,7 +107,8 @@ def top_view(snapshot: TopSnapshot, topics: Topics, interval: float) -> Renderab
         style="dim",
     )
     head = (
-        f"[bold]{snapshot.goals_in_flight}[/] goal(s) in flight; {snapshot.goals_completed} completed and "
+        f"[bold]{snapshot.goals_in_flight}[/] goal(s) in flight, {snapshot.goals_waiting_for_human} waiting for a "
+        f"person; {snapshot.goals_completed} completed and "
         f"{snapshot.goals_failed} failed since start\n"
         f"[bold]{snapshot.llm_calls_per_s:.2f}[/] model calls/s, [bold]{snapshot.tokens_per_s:.0f}[/] tokens/s, "
         f"[bold]${snapshot.cost_per_min:.4f}[/]/min; since start {snapshot.llm_calls} calls, {snapshot.tokens} tokens, "
@@ -153,7 +154,7 @@ def top(
     tenant's model spend per minute, and how many of its goals failed on a budget or deadline. The
     dead-letter growth is per dead-letter topic and reason (the x-dlq-reason header).
 
-    Refreshes every --interval seconds until Ctrl-C. --json prints {"window_s", "goals_in_flight",
+    Refreshes every --interval seconds until Ctrl-C. --json prints {"window_s", "goals_in_flight", "goals_waiting_for_human",
     "steps_per_s": {kind: rate}, "llm_calls_per_s", "tokens_per_s", "cost_per_min", "tenants": [{"tenant",
     "in_flight", "tokens_per_s", "cost_per_min", "spent_usd", "budget_failures"}], "dead_letters":
     [{"dlq_topic", "reason", "per_min", "added"}], and the totals since start}.

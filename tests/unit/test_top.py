@@ -7,6 +7,7 @@ import pytest
 
 from schemas.events import (
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
     GoalPlanned,
     GoalReopened,
@@ -83,6 +84,14 @@ def test_goals_are_in_flight_from_submission_or_plan_until_their_end_in_whatever
     assert stats.snapshot(now=9).goals_in_flight == 2
     stats.observe(moved("g-1", "cancelled", "cancel"), now=10)
     assert stats.snapshot(now=11).goals_in_flight == 1
+
+    # A goal that escalates waits for a person: not in flight, until it is answered.
+    stats.observe(GoalEscalated(tenant="beta", goal_id="g-2", reason="budget_exceeded", goal_text="b"), now=12)
+    waiting = stats.snapshot(now=13)
+    assert (waiting.goals_in_flight, waiting.goals_waiting_for_human) == (0, 1)
+    stats.observe(GoalCompleted(tenant="beta", goal_id="g-2", answer="b", path="human", answered_by="ana"), now=14)
+    answered = stats.snapshot(now=15)
+    assert (answered.goals_in_flight, answered.goals_waiting_for_human, answered.goals_completed) == (0, 0, 2)
 
 
 def test_budget_burn_is_cost_per_minute_per_tenant_and_failures_on_a_budget() -> None:

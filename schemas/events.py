@@ -382,6 +382,21 @@ EVENT_TYPES: frozenset[str] = frozenset(
 )
 
 
+GoalEnd = Literal["completed", "failed", "cancelled"]
+
+
+def goal_end(event: Envelope) -> GoalEnd | None:
+    """How `event` ends its goal, or None when it does not: the one answer every reader of a goal's
+    events (progress, trace, replay, top, metrics, the gateway's stream) goes by."""
+    if isinstance(event, GoalCompleted):
+        return "completed"
+    if isinstance(event, GoalFailed):
+        return "failed"
+    if isinstance(event, GoalStateChanged) and event.to_state == "cancelled":
+        return "cancelled"
+    return None
+
+
 def decode_event(raw: bytes) -> Event:
     """Parse one event from the wire. Raises ValueError (bad JSON) or ValidationError."""
     return EVENT_ADAPTER.validate_json(raw)

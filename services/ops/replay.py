@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from memory.timeline import GoalTimeline
 from schemas.envelope import Envelope, new_id, utcnow
 from schemas.events import (
+    GoalAnswered,
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
     GoalPlanned,
     GoalSubmitted,
@@ -33,6 +35,7 @@ from schemas.events import (
     ToolCallRequested,
     WorkDeadLettered,
     decode_event,
+    goal_end,
 )
 from services.ops.trace_view import build_trace, recorded_events
 from services.runtime.bus import Delivery
@@ -68,6 +71,8 @@ class GoalRecord:
         if not submitted:
             raise ValueError("the record holds no submission (goal.submitted): it cannot be run again")
         self.submission = submitted[0]
+        self.answer = next((e for e in self.events if isinstance(e, GoalAnswered)), None)
+        """A person's answer to the goal, when it escalated: the rerun is given it again."""
         self._responses: dict[str, deque[LLMCallRecorded]] = defaultdict(deque)
         for call in sorted((e for e in self.events if isinstance(e, LLMCallRecorded)), key=lambda e: e.ts):
             self._responses[response_key(call.purpose, call.agent, call.goal_id, call.step_id)].append(call)
@@ -242,13 +247,20 @@ def causal_order(events: Iterable[Envelope], goal_id: str) -> dict[str, list[str
 
 
 def outcome(events: Iterable[Envelope]) -> dict[str, Any]:
-    """How the goal ended: `{"status": "completed", "answer": ...}`, `failed` with its reason, or `running`."""
-    for event in events:
+    """How the goal ended, by its last end (a failed goal may be reopened and complete):
+    `{"status": "completed", "answer": ...}`, `failed` with its reason, `cancelled`,
+    `waiting_for_human` (escalated, not answered), or `running`."""
+    last: dict[str, Any] = {"status": "running"}
+    for event in sorted(events, key=lambda e: e.ts):
         if isinstance(event, GoalCompleted):
-            return {"status": "completed", "answer": event.answer}
-        if isinstance(event, GoalFailed):
-            return {"status": "failed", "reason": event.reason, "detail": event.detail}
-    return {"status": "running"}
+            last = {"status": "completed", "answer": event.answer}
+        elif isinstance(event, GoalFailed):
+            last = {"status": "failed", "reason": event.reason, "detail": event.detail}
+        elif goal_end(event) == "cancelled":
+            last = {"status": "cancelled"}
+        elif isinstance(event, GoalEscalated):
+            last = {"status": "waiting_for_human", "reason": event.reason}
+    return last
 
 
 @dataclass(frozen=True)
@@ -409,8 +421,20 @@ async def run_again(
                         event = decode_event(delivery.value)
                     except (ValidationError, ValueError):
                         return
-                    if isinstance(event, GoalCompleted | GoalFailed) and event.goal_id == goal.goal_id:
+                    if event.goal_id != goal.goal_id:
+                        return
+                    if goal_end(event) is not None:
                         ended.set()
+                    elif isinstance(event, GoalEscalated):
+                        # A person answered the original; the rerun gets the same answer. Unanswered
+                        # in the record, the goal waits there too: that is where the rerun ends.
+                        answer = record.answer
+                        if answer is None:
+                            ended.set()
+                            return
+                        given = answer.model_copy(update={"event_id": new_id(), "ts": utcnow(), "causation_id": None})
+                        await bus.send(runtime.topics.goals, goal.goal_id.encode(), given.to_bytes(),
+                                       {"traceparent": new_traceparent(), "event_type": given.event_type})
 
                 bus.observe(observe)
                 headers = {"traceparent": new_traceparent(), "event_type": again.event_type}

@@ -23,6 +23,7 @@ from schemas.events import (
     GoalEscalated,
     GoalFailed,
     GoalFallbackStarted,
+    GoalStateChanged,
     GoalPlanned,
     GoalReopened,
     GoalSubmitted,
@@ -36,6 +37,7 @@ from schemas.events import (
     ToolCallRequested,
     WorkDeadLettered,
     decode_event,
+    goal_end,
 )
 from services.ops.dlq import DeadLetter
 from services.ops.terminal import short
@@ -249,6 +251,12 @@ class _Builder:
                            original_topic=event.original_topic, figures=event.figures)
             case GoalReopened():
                 self._step(event, "goal_reopened", reason=event.reason, requested_by=event.requested_by)
+            case GoalStateChanged():
+                self._step(event, "state_changed", from_state=event.from_state, to_state=event.to_state,
+                           action=event.action, requested_by=event.requested_by, reason=event.reason)
+                if goal_end(event) == "cancelled":
+                    trace.outcome = {"status": "cancelled", "at": event.ts.isoformat(),
+                                     "requested_by": event.requested_by, "reason": event.reason}
             case GoalFallbackStarted():
                 self._step(event, "fallback_started", fallback=event.fallback, reason=event.reason, detail=event.detail)
             case GoalEscalated():
@@ -382,6 +390,9 @@ def _line(step: Step) -> str:
             f"[red]✗ dead-lettered[/] {escape(step['dead_event_type'])} ({escape(step['reason'])}{_figures(step['figures'])}) "
             f"→ {escape(step['dlq_topic'])}: {short(step['detail'], 80)}"
         )
+    if kind == "state_changed":
+        why = f": {escape(step['reason'])}" if step["reason"] else ""
+        return at + f"[cyan]■ goal {step['to_state']}[/] (was {step['from_state']}, by {escape(step['requested_by'])}){why}"
     if kind == "fallback_started":
         return at + f"[yellow]↯ agents failed[/] ({escape(step['reason'])}) → [cyan]fallback {escape(step['fallback'])}[/]"
     if kind == "escalated":
@@ -399,9 +410,11 @@ def _end(outcome: dict[str, Any]) -> str:
     if outcome["status"] == "completed":
         by = {"fallback": f" (by fallback {outcome.get('fallback')})", "human": f" (by {outcome.get('answered_by')})"}
         return f"[green bold]✓ answer{escape(by.get(outcome.get('path', 'agent'), ''))}[/]: {short(outcome['answer'], 200)}"
+    if outcome["status"] == "cancelled":
+        return f"[yellow bold]■ goal cancelled[/] by {escape(outcome['requested_by'])}"
     if outcome["status"] == "failed":
         return f"[red bold]✗ goal failed[/] ({escape(outcome['reason'])}{_figures(outcome['figures'])}): {short(outcome['detail'], 160)}"
-    return "[yellow]not finished: no GoalCompleted or GoalFailed in the record (yet)[/]"
+    return "[yellow]not finished: nothing in the record (yet) completes, fails or cancels it[/]"
 
 
 def _totals(totals: dict[str, Any]) -> str:

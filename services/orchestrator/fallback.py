@@ -44,11 +44,18 @@ class FallbackRun(BaseModel):
     outputs: list[str] = []
     started: bool = False
     """False while the agents failed on a paused goal: the fallback starts when it is resumed."""
+    attempt: int = 1
+    """Which time the goal runs its fallback (a redrive lets the agents, then it, try again): its
+    calls' ids carry it, so a late result of an earlier attempt is never taken for this one's."""
 
 
 def fallback_task_id(goal_id: str) -> str:
     """The task id the fallback's tool calls carry: their results come back to the orchestrator."""
     return f"{goal_id}.fallback"
+
+
+def fallback_call_id(goal_id: str, run: FallbackRun, index: int) -> str:
+    return f"{fallback_task_id(goal_id)}:{run.attempt}:{index}"
 
 
 def goal_type_of(deps: OrchestratorDeps, state: GoalState) -> GoalType | None:
@@ -66,7 +73,10 @@ async def agent_path_failed(
     kind = goal_type_of(deps, state)
     origin = cause.model_copy(update={"task_id": None})
     if kind is not None and kind.fallback is not None and state.fallback is None:
-        state.fallback = FallbackRun(name=kind.fallback_name, reason=reason, detail=detail)
+        state.fallback_attempts += 1
+        state.fallback = FallbackRun(
+            name=kind.fallback_name, reason=reason, detail=detail, attempt=state.fallback_attempts,
+        )
         if state.status == "paused":
             return []  # nothing runs while the goal is paused: the fallback starts at its resume
         if state.status != "running":
@@ -118,7 +128,7 @@ def fallback_call(deps: OrchestratorDeps, state: GoalState, kind: GoalType, caus
     failure = f"{run.reason}: {run.detail}" if run.detail else run.reason
     arguments = fill(step.arguments, state.goal.text, failure[:4_000], run.outputs[-1] if run.outputs else "")
     task_id = fallback_task_id(state.goal.goal_id)
-    call_id = f"{task_id}:{index}"
+    call_id = fallback_call_id(state.goal.goal_id, run, index)
     request = ToolCallRequested(
         **cause.caused(task_id=task_id), call_id=call_id, step_id=call_id, tool=step.tool, arguments=arguments,
         agent_kind=kind.actor, reply_to=deps.topics.goals,
@@ -136,8 +146,8 @@ async def fallback_result(deps: OrchestratorDeps, event: ToolCallCompleted) -> l
         if state is None or state.fallback is None or state.status not in ("running", "paused"):
             return None, []
         kind = goal_type_of(deps, state)
-        index = event.call_id.rpartition(":")[2]
-        if kind is None or kind.fallback is None or index != str(len(state.fallback.outputs)):
+        index = len(state.fallback.outputs)
+        if kind is None or kind.fallback is None or event.call_id != fallback_call_id(event.goal_id, state.fallback, index):
             return None, []  # a duplicate, or a call of an earlier attempt
         if not event.ok:
             detail = f"fallback {state.fallback.name} call {index} ({event.tool}) failed: {event.error}"

@@ -22,8 +22,8 @@ TRANSITIONS: dict[GoalStateName, frozenset[GoalStateName]] = {
     # The agent path failed and the goal's type escalates: a person answers it, or cancels it.
     "waiting_for_human": frozenset({"completed", "cancelled"}),
     "completed": frozenset(),
-    # A redrive of its dead-lettered work reopens a failed goal.
-    "failed": frozenset({"running"}),
+    # A redrive of its dead-lettered work reopens a failed goal (to planning, when the plan was).
+    "failed": frozenset({"planning", "running"}),
     "cancelled": frozenset(),
 }
 

@@ -68,6 +68,11 @@ class GoalState(Ledgered):
     tasks: dict[str, TaskRecord] = {}
     fallback: FallbackRun | None = None
     """Set once the agent path has failed and the goal type's fallback runs."""
+    fallback_attempts: int = 0
+    """How many times the fallback has started (a redrive may let it run again)."""
+    refused: bool = False
+    """Failed at submission (a budget above the tenant's policy, an unknown goal type): nothing to
+    redrive, unlike a goal whose planning was dead-lettered."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ async def plan_goal(deps: OrchestratorDeps, goal: GoalSubmitted) -> list[Outgoin
                 deps.goal_types.get(goal.goal_type)
         except ValueError as exc:  # ConfigurationError is one
             reason = "unknown_goal_type" if isinstance(exc, ConfigurationError) else "budget_policy"
-            failed = GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "failed"))
+            failed = GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "failed"), refused=True)
             return failed, [failed_goal(deps, goal, reason, str(exc))]
         await deps.budget.open(goal.tenant, goal.goal_id, limits, goal.ts)
         return GoalState(goal=goal, status=transition(goal.goal_id, "submitted", "planning")), []
@@ -299,23 +304,27 @@ async def fail_on_dead_letter(deps: OrchestratorDeps, event: WorkDeadLettered) -
 async def reopen(deps: OrchestratorDeps, event: GoalReopened) -> list[Outgoing]:
     """A redrive reopens a goal that failed on dead-lettered work. Its tasks that were stopped
     mid-way are sent again, marked `resume`: each continues from its checkpoint (a task that is
-    still running ignores it). A task that failed outright cannot be redriven, so neither can its goal."""
+    still running ignores it). A goal whose planning was dead-lettered goes back to planning, and
+    the redriven submission plans it. A task that failed outright cannot be redriven, so neither
+    can its goal; nor can a goal in any other state. Whatever is not reopened stays stopped: the
+    redrive cleared the budget's stop flag for its work."""
 
     async def step(state: GoalState | None) -> tuple[GoalState | None, list[Outgoing]]:
-        if state is not None and state.status in ("paused", "cancelled"):
-            # The redrive cleared the budget's stop flag; a paused or cancelled goal stays stopped.
-            await deps.budget.stop(event.tenant, event.goal_id, state.status)
-            return None, []
-        if state is None or state.status != "failed" or state.plan is None:
+        if state is None:
             return None, []
         failed = [pid for pid, t in state.tasks.items() if t.status == "failed"]
-        if failed:
-            # The redrive cleared the budget's stop flag for its work; this goal stays failed.
-            log.warning("goal %s not reopened: task %s failed outright", event.goal_id, failed[0])
-            await deps.budget.stop(event.tenant, event.goal_id, f"task {failed[0]} failed")
+        if state.status != "failed" or failed or state.refused:
+            why = f"task {failed[0]} failed" if failed else state.status
+            if failed:
+                log.warning("goal %s not reopened: task %s failed outright", event.goal_id, failed[0])
+            await deps.budget.stop(event.tenant, event.goal_id, why)
             return None, []
-        state.status = transition(event.goal_id, state.status, "running")
         state.fallback = None  # the agents try again; should they fail again, so may the fallback
+        if state.plan is None:
+            state.status = transition(event.goal_id, state.status, "planning")
+            await deps.budget.reopen(event.tenant, event.goal_id)
+            return state, []
+        state.status = transition(event.goal_id, state.status, "running")
         return state, await resume_tasks(deps, state, event)
 
     key = deps.keys.goal_state(event.tenant, event.goal_id)

@@ -20,6 +20,8 @@ from schemas.events import (
     GoalFailed,
     GoalFallbackStarted,
     GoalLifecycleRejected,
+    GoalPlanned,
+    GoalReopened,
     GoalStateChanged,
     GoalSubmitted,
     TaskAssigned,
@@ -254,7 +256,7 @@ async def test_the_executor_allows_a_fallback_only_the_tools_its_plan_names(redi
 
     def asking(tool: str, arguments: dict[str, Any], actor: str) -> ToolCallRequested:
         return ToolCallRequested(
-            tenant="acme", goal_id="g1", task_id="g1.fallback", call_id="g1.fallback:0", step_id="g1.fallback:0",
+            tenant="acme", goal_id="g1", task_id="g1.fallback", call_id="g1.fallback:1:0", step_id="g1.fallback:1:0",
             tool=tool, arguments=arguments, agent_kind=actor, reply_to="unit.goals",
         )
 
@@ -318,3 +320,62 @@ async def test_a_fallback_paused_mid_way_keeps_the_result_that_came_in_and_answe
     assert of(outputs, GoalFallbackStarted) == []  # it had started before the pause
     [done] = of(await fallback.fallback_result(deps, reply(second, "saved note sum")), GoalCompleted)
     assert (done.path, done.fallback, done.answer) == ("fallback", "sum-and-note", "saved note sum")
+
+
+async def test_a_goal_whose_planning_was_dead_lettered_is_planned_again_by_a_redrive(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = deps_with_types(redis, keys, topics)
+    goal = typed(None).model_copy(
+        update={"budget": BudgetLimits(deadline_s=30), "ts": datetime.now(UTC) - timedelta(seconds=60)}
+    )
+    with pytest.raises(DeadlineExceeded):
+        await logic.plan_goal(deps, goal)
+    [failed] = of(await logic.fail_on_dead_letter(deps, dead_lettered(goal, "deadline_exceeded")), GoalFailed)
+    assert failed.reason == "deadline_exceeded" and (await state_of(deps)).status == "failed"
+
+    # The cause is fixed (here: the goal's budget, set again without the deadline); the redrive
+    # reopens the goal, then republishes the submission.
+    await redis.delete(keys.goal_budget("acme", "g1"))
+    await deps.budget.open("acme", "g1", BudgetLimits(), datetime.now(UTC))
+    reopened = GoalReopened(tenant="acme", goal_id="g1", reason="redrive", requested_by="ops")
+    assert await logic.reopen(deps, reopened) == []
+    assert (await state_of(deps)).status == "planning"
+    outputs = await logic.plan_goal(deps, goal)
+    assert of(outputs, GoalPlanned) and of(outputs, TaskAssigned)
+
+
+async def test_a_redrive_leaves_a_goal_that_is_not_failed_stopped(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    deps = deps_with_types(redis, keys, topics)
+    [r1, _] = of(await logic.plan_goal(deps, typed("arithmetic")), TaskAssigned)
+    [call] = of(await logic.fail_on_dead_letter(deps, dead_lettered(r1, "runaway")), ToolCallRequested)
+    await fallback.fallback_result(deps, reply(call, "2+2 = 4"))  # completed by its fallback
+    await deps.budget.reopen("acme", "g1")  # what the redrive does before it reopens the goal
+    reopened = GoalReopened(tenant="acme", goal_id="g1", reason="redrive", requested_by="ops")
+    assert await logic.reopen(deps, reopened) == []
+    with pytest.raises(GoalStopped):  # its parked agents stay parked
+        await deps.budget.admit("acme", "g1", est_tokens=1, est_cost=0)
+
+
+async def test_a_goal_refused_at_submission_is_not_reopened(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    deps = deps_with_types(redis, keys, topics)
+    await logic.plan_goal(deps, typed("astrology"))
+    reopened = GoalReopened(tenant="acme", goal_id="g1", reason="redrive", requested_by="ops")
+    assert await logic.reopen(deps, reopened) == []
+    assert (await state_of(deps)).status == "failed"
+
+
+async def test_after_a_redrive_a_late_result_of_the_first_fallback_is_not_taken_for_the_second(
+    redis: Redis, keys: RedisKeys, topics: Topics
+) -> None:
+    deps = deps_with_types(redis, keys, topics)
+    [r1, r2] = of(await logic.plan_goal(deps, typed("arithmetic")), TaskAssigned)
+    [first] = of(await logic.fail_on_dead_letter(deps, dead_lettered(r1, "runaway")), ToolCallRequested)
+    of(await logic.fail_on_dead_letter(deps, dead_lettered(first, "tool_failed")), GoalFailed)
+    reopened = GoalReopened(tenant="acme", goal_id="g1", reason="redrive", requested_by="ops")
+    await logic.reopen(deps, reopened)
+    [second] = of(await logic.fail_on_dead_letter(deps, dead_lettered(r2, "runaway")), ToolCallRequested)
+    assert second.call_id != first.call_id
+    assert await fallback.fallback_result(deps, reply(first, "stale")) == []
+    [done] = of(await fallback.fallback_result(deps, reply(second, "2+2 = 4")), GoalCompleted)
+    assert done.answer == "2+2 = 4"

@@ -30,7 +30,7 @@ ALLOWED = [
     ("running", "cancelled"),
     ("paused", "running"), ("paused", "waiting_for_human"), ("paused", "failed"), ("paused", "cancelled"),
     ("waiting_for_human", "completed"), ("waiting_for_human", "cancelled"),
-    ("failed", "running"),
+    ("failed", "planning"), ("failed", "running"),
 ]
 """The table, written out: a change to lifecycle.TRANSITIONS must change this too."""
 

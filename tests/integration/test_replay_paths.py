@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from memory.keys import RedisKeys
 from memory.timeline import GoalTimeline
 from schemas.budget import BudgetLimits
-from schemas.events import GoalCompleted, GoalSubmitted
+from schemas.events import GoalAnswered, GoalCompleted, GoalEscalated, GoalSubmitted
 from schemas.topics import Topics
 from services.runtime.host import Settings
 from services.runtime.offline_model import Script
@@ -24,12 +24,19 @@ from tests.support.kafka import RawProducer, TopicWatch, eventually, unique
 from tests.support.scripts import delegating
 
 
-async def recorded_run(settings: Settings, redis: Redis, goal: GoalSubmitted, script: Script | None = None) -> GoalCompleted:
-    """Runs the goal through every service on Kafka; returns its end once all of it is recorded."""
+async def recorded_run(
+    settings: Settings, redis: Redis, goal: GoalSubmitted, script: Script | None = None, answer: str | None = None,
+) -> GoalCompleted:
+    """Runs the goal through every service on Kafka (a person gives `answer` when it escalates);
+    returns its end once all of it is recorded."""
     t = Topics(settings.platform.namespace, ("researcher", "writer"))
     timeline = GoalTimeline(redis, RedisKeys(settings.platform.namespace), 0, 0)
     async with serving(EVERY_SERVICE, settings, script), TopicWatch(settings.kafka, t.work_topics()) as watch, RawProducer(settings.kafka) as send:
         await send.event(t.goals, goal, signed=True)
+        if answer is not None:
+            await watch.event(GoalEscalated, goal_id=goal.goal_id, timeout=120)
+            given = GoalAnswered(tenant=goal.tenant, goal_id=goal.goal_id, answer=answer, answered_by="ana")
+            await send.event(t.goals, given, signed=True)
         done: GoalCompleted = await watch.event(GoalCompleted, goal_id=goal.goal_id, timeout=120)
         seen = {s.event.event_id for s in await watch.caught_up() if s.event and s.event.goal_id == goal.goal_id}
 
@@ -84,3 +91,19 @@ async def test_a_goal_with_a_delegated_subtask_replays_the_same(
     child = next(k for k in data["recorded_order"] if "/researcher-" in k)
     assert "tool.requested calculator" in data["recorded_order"][child]
     assert data["run"]["model_calls"] == 0 and data["run"]["diverged"] == []
+
+
+async def test_a_goal_a_person_answered_replays_with_the_same_answer(
+    settings: Settings, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOOLS_SANDBOX_DIR", str(tmp_path))
+    goal = GoalSubmitted(
+        tenant="acme", goal_id=unique("g"), text="What is 12*7?", goal_type="reviewed", budget=BudgetLimits(max_steps=1),
+    )
+    done = await recorded_run(settings, redis, goal, answer="84, by hand")
+    assert (done.path, done.answer) == ("human", "84, by hand")
+
+    data = await replayed(settings, goal, tmp_path)
+    assert data["identical"] is True, data["comparison"]
+    assert data["replayed"] == data["recorded"] == {"status": "completed", "answer": "84, by hand"}
+    assert data["run"]["model_calls"] == 0

@@ -209,14 +209,15 @@ class LLMGateway:
                 cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),
                 wait_s=self.settings.timeout_s,
             )
-        prompt_version = f"{prompt.name}.{prompt.version}"
+        prompt_version = prompt.label
         cache_key: str | None = None
         if cache and self.cache is not None and self.recorded is None:
-            # LiteLLM's key (model, messages, tools, response format), namespaced by the prompt
-            # version: the same messages under another prompt version are another entry.
+            # LiteLLM's key (model, messages, tools, response format), namespaced by the tenant and
+            # the prompt version: the same messages under another prompt version are another entry,
+            # and a tenant never gets, or learns of, another tenant's answer.
             cache_key = self.cache.get_cache_key(
                 **{k: v for k, v in kwargs.items() if k not in ("metadata", "timeout")},
-                cache={"namespace": f"{self.cache.namespace}:{prompt_version}"},
+                cache={"namespace": f"{self.cache.namespace}:{cause.tenant}:{prompt_version}"},
             )
         with self.tracing.chat(
             model, provider_name(model), agent=agent, purpose=purpose, prompt_version=prompt_version, messages=messages

@@ -129,10 +129,10 @@ class LLMSettings(BaseSettings):
     embedding_model: str | None = None
     """A LiteLLM embedding model; unset means the offline embedder (WordLlama, else hashing)."""
     embedding_dim: int = 1536
+    """Vector size of `embedding_model` (the offline embedders set their own)."""
     cache_ttl_s: int = Field(default=86_400, gt=0)
     """How long a cached response is kept (agent kinds with `cache = true`). LiteLLM's own default
     is 60 s on Redis."""
-    """Vector size of `embedding_model` (the offline embedders set their own)."""
 
     @field_validator("offline_latency_ms")
     @classmethod

@@ -75,6 +75,18 @@ async def test_another_prompt_version_with_the_same_messages_misses() -> None:
     assert script.turns == 2 and llm.model_calls == 2
 
 
+async def test_another_tenant_with_the_same_messages_misses() -> None:
+    script = CountingScript()
+    llm = gateway(script)
+    await call(llm)
+    theirs = await llm.complete(
+        model="offline/default", prompt=V1, messages=MESSAGES, purpose="step", agent="researcher",
+        cause=GOAL.model_copy(update={"tenant": "beta"}), tools=TOOLS, cache=True,
+    )
+    assert not theirs.record.cache_hit and theirs.record.saved_cost_usd == 0  # nothing of acme's shows
+    assert script.turns == 2
+
+
 async def test_caching_is_off_unless_the_call_and_the_agent_kind_ask_for_it() -> None:
     assert not any(kind.cache for kind in AgentCatalogue.load().kinds.values()), "packaged kinds leave it off"
     script = CountingScript()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from schemas.tools import TOOL_SPECS
+
 DLQ_SUFFIX = ".dlq"
 RETRY_INFIX = ".retry."
 
@@ -38,6 +40,14 @@ class Topics:
     def memory(self) -> str:
         """Memory service inbox, keyed by task_id: recalls and knowledge-base searches."""
         return f"{self.namespace}.memory"
+
+    def executor(self, tool: str) -> str:
+        """The inbox of the service that runs `tool`: the memory service's or the tools executor's.
+        Raises ValueError for a tool no executor runs (`delegate`: the calling agent handles it)."""
+        where = TOOL_SPECS[tool].executor
+        if where == "agent":
+            raise ValueError(f"{tool!r} is handled by the agent that calls it, not by an executor")
+        return self.memory if where == "memory" else self.tools
 
     @property
     def llm_calls(self) -> str:

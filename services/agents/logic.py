@@ -321,8 +321,7 @@ async def _think(deps: AgentDeps, cp: TaskCheckpoint, cause: Any, outputs: list[
                 **cause.caused(task_id=task_id), call_id=call_id, step_id=step_id, tool=v.call.name,
                 arguments=v.arguments, agent_kind=deps.kind.name, reply_to=deps.topics.agent(deps.kind.name),
             )
-            topic = deps.topics.memory if TOOL_SPECS[v.call.name].executor == "memory" else deps.topics.tools
-            outputs.append(Outgoing(topic, request, task_id))
+            outputs.append(Outgoing(deps.topics.executor(v.call.name), request, task_id))
         if any(p.result is None for p in cp.pending):
             return outputs
         # Every call was a refused delegation: the model is told at once, on the next turn.

@@ -38,7 +38,7 @@ from schemas.tools import TOOL_SPECS, KnowledgeSearchArgs, RememberFactArgs, Too
 from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
-from services.runtime.goal_types import GoalTypes
+from services.runtime.goal_types import GoalTypes, may_call
 from services.runtime.errors import Permanent, Retryable, ToolDenied
 from services.runtime.host import Replay
 from services.runtime.metrics import Metrics, ToolErrorKind
@@ -175,9 +175,7 @@ def _admitted(deps: MemoryDeps, request: ToolCallRequested, tool: str, model: ty
 def _admit(deps: MemoryDeps, request: ToolCallRequested, tool: str, model: type[A]) -> A:
     if request.tool != tool:
         raise ToolDenied(f"{request.tool!r} does not run on the memory service", policy="executor_tools")
-    kind = deps.catalogue.kinds.get(request.agent_kind) if deps.catalogue is not None else None
-    allowed = (kind is not None and tool in kind.tools) or deps.goal_types.allows(request.agent_kind, tool)
-    if deps.catalogue is not None and not allowed:
+    if deps.catalogue is not None and not may_call(deps.catalogue, deps.goal_types, request.agent_kind, tool):
         # The agent checked this already; checked again in case the request was forged.
         raise ToolDenied(f"{tool} is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist")
     try:

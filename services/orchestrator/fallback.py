@@ -26,7 +26,6 @@ from schemas.events import (
     ToolCallCompleted,
     ToolCallRequested,
 )
-from schemas.tools import TOOL_SPECS
 from services.orchestrator.lifecycle import IllegalTransition, requested, transition
 from services.runtime.bus import Outgoing
 from services.runtime.goal_types import GoalType, fill
@@ -133,8 +132,7 @@ def fallback_call(deps: OrchestratorDeps, state: GoalState, kind: GoalType, caus
         **cause.caused(task_id=task_id), call_id=call_id, step_id=call_id, tool=step.tool, arguments=arguments,
         agent_kind=kind.actor, reply_to=deps.topics.goals,
     )
-    topic = deps.topics.memory if TOOL_SPECS[step.tool].executor == "memory" else deps.topics.tools
-    return Outgoing(topic, request, task_id)
+    return Outgoing(deps.topics.executor(step.tool), request, task_id)
 
 
 async def fallback_result(deps: OrchestratorDeps, event: ToolCallCompleted) -> list[Outgoing]:

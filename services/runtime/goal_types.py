@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.tools import TOOL_SPECS
-from services.runtime.catalogue import load_definitions
+from services.runtime.catalogue import AgentCatalogue, load_definitions
 from services.runtime.errors import ConfigurationError
 
 PACKAGED_GOAL_TYPES = Path(__file__).resolve().parents[1] / "orchestrator" / "goal_types"
@@ -138,3 +138,10 @@ class GoalTypes:
         """Whether `actor` (`fallback:<type>`) may call `tool`: only the tools its fallback names."""
         kind = self.types.get(actor.removeprefix(FALLBACK_ACTOR)) if actor.startswith(FALLBACK_ACTOR) else None
         return kind is not None and kind.fallback is not None and any(s.tool == tool for s in kind.fallback.plan())
+
+
+def may_call(catalogue: AgentCatalogue, goal_types: GoalTypes, actor: str, tool: str) -> bool:
+    """The executors' allowlist check: an agent kind may call the tools its definition lists, and a
+    goal type's fallback (`fallback:<type>`) exactly the tools its fallback names."""
+    kind = catalogue.kinds.get(actor)
+    return (kind is not None and tool in kind.tools) or goal_types.allows(actor, tool)

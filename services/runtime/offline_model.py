@@ -25,6 +25,7 @@ from services.runtime.latency import Latency
 
 PROVIDER = "offline"
 _EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:[-+*/^%][\s(]*[-(]*\d[\d.\s)]*)+")
+"""A run of numbers joined by operators: `12*7`, `(2+3) * 4^2`."""
 _PART_SPLIT = re.compile(r"\s*(?:;|\?|\band then\b|\band\b)\s*", re.IGNORECASE)
 
 
@@ -44,6 +45,12 @@ class Turn:
 
 Script = Callable[[list[dict[str, Any]], list[str]], Turn]
 """Decides a turn from the messages and the names of the tools offered."""
+
+
+def find_expressions(text: str) -> list[str]:
+    """The arithmetic expressions in `text`, in order (what the offline model hands the calculator,
+    and the `arithmetic_answer` fallback computes)."""
+    return [m.group(0).strip() for m in _EXPRESSION.finditer(text)]
 
 
 def load_script(spec: str) -> Script:
@@ -115,9 +122,9 @@ def agent_turn(messages: list[dict[str, Any]], tools: list[str]) -> Turn:
     if results or not tools:
         return Turn(content=_answer(task, user, results))
     calls: list[ToolCall] = []
-    expression = _EXPRESSION.search(task)
-    if "calculator" in tools and expression:
-        calls.append(ToolCall("calculator", {"expression": expression.group(0).strip()}))
+    expressions = find_expressions(task)
+    if "calculator" in tools and expressions:
+        calls.append(ToolCall("calculator", {"expression": expressions[0]}))
     if "kb_search" in tools:
         calls.append(ToolCall("kb_search", {"query": task[:500] or "overview", "k": 2}))
     if "save_note" in tools:

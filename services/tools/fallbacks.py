@@ -7,15 +7,10 @@ limited and audited like any tool. It is called with the goal's text and why the
 
 from __future__ import annotations
 
-import re
-
 from schemas.tools import FallbackFunctionArgs, ToolArgs
+from services.runtime.offline_model import find_expressions
 from services.tools.calculator import CalculatorError, evaluate
 from services.tools.registry import CallContext, Tool, ToolUsageError
-
-_EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:[-+*/^%][\s(]*[-(]*\d[\d.\s)]*)+")
-"""A run of numbers joined by operators: `12*7`, `(2+3) * 4^2`."""
-
 
 def arithmetic_answer() -> Tool:
     """Computes every arithmetic expression in the goal's text with the calculator. Text with no
@@ -23,7 +18,8 @@ def arithmetic_answer() -> Tool:
 
     async def run(args: ToolArgs, _: CallContext) -> str:
         assert isinstance(args, FallbackFunctionArgs)
-        found = [m.group().strip().rstrip(".").strip() for m in _EXPRESSION.finditer(args.goal_text)]
+        # A full stop that ends the sentence is not the expression's.
+        found = [e.rstrip(".").strip() for e in find_expressions(args.goal_text)]
         if not found:
             raise ToolUsageError("no arithmetic expression in the goal's text")
         lines = []

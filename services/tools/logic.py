@@ -23,7 +23,7 @@ from services.runtime.audit import TOOL_DENIED, TOOL_EXECUTED, tool_audit
 from services.runtime.bus import Outgoing
 from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import Permanent, ToolDenied
-from services.runtime.goal_types import GoalTypes
+from services.runtime.goal_types import GoalTypes, may_call
 from services.runtime.host import Replay
 from services.runtime.idempotency import SideEffectGuard, idempotency_digest
 from services.runtime.tracing import Tracing, failed
@@ -194,8 +194,7 @@ def _admit(deps: ToolsDeps, request: ToolCallRequested) -> tuple[ToolSpec, Tool,
         raise ToolDenied(
             f"unknown tool {request.tool!r} on this executor; it runs {sorted(deps.tools)}", policy="executor_tools"
         )
-    kind = deps.catalogue.kinds.get(request.agent_kind)
-    if (kind is None or request.tool not in kind.tools) and not deps.goal_types.allows(request.agent_kind, request.tool):
+    if not may_call(deps.catalogue, deps.goal_types, request.agent_kind, request.tool):
         # The agent checked this already; the executor checks again, in case the request was forged.
         raise ToolDenied(
             f"tool {request.tool!r} is not allowed for agent kind {request.agent_kind!r}", policy="agent_allowlist"

@@ -138,11 +138,8 @@ class _Point:
     vector: list[float] = field(default_factory=list)
 
 
-def normalize_subject(subject: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", subject.casefold()))
-
-
-def _normalize_text(text: str) -> str:
+def normalize_subject(text: str) -> str:
+    """A subject (or a text) with case, spacing and punctuation aside: what two spellings share."""
     return " ".join(re.findall(r"[a-z0-9]+", text.casefold()))
 
 
@@ -315,7 +312,7 @@ class SemanticMemory:
             return WriteResult("added", head_id)
         if record.source in head.payload.get("sources", []):
             return WriteResult("merged", head_id)  # the same write again
-        if self._is_duplicate(record, head, vector):
+        if self._is_duplicate(record, head):
             await self._merge(head, record)
             return WriteResult("merged", head_id)
         archive_id = self.point_id(record.tenant, f"subject:{subject}:source:{record.source}")
@@ -346,20 +343,19 @@ class SemanticMemory:
             and same_statement(str(payload.get("text", "")), record.text)
         )
 
-    def _is_duplicate(self, record: MemoryRecord, point: _Point, vector: list[float] | None = None) -> bool:
+    def _is_duplicate(self, record: MemoryRecord, point: _Point) -> bool:
         payload = point.payload
         if payload.get("kind") != record.kind:
             return False
         if record.kind == "fact" and payload.get("subject") and not record.subject:
             return False  # a versioned fact only takes writes for its own subject
         text = str(payload.get("text", ""))
-        if _normalize_text(text) == _normalize_text(record.text):
+        if normalize_subject(text) == normalize_subject(record.text):
             return True
         if record.subject:
             # The same subject already ties them to one fact; only the value decides.
             return same_value(text, record.text, record.subject)
-        similarity = point.similarity if vector is None else _cosine(vector, point.vector)
-        return similarity >= self.curation.duplicate and names_agree(text, record.text)
+        return point.similarity >= self.curation.duplicate and names_agree(text, record.text)
 
     async def _neighbours(self, tenant: str, vector: list[float]) -> list[_Point]:
         """The tenant's current memories close enough to be related, best first."""
@@ -540,11 +536,3 @@ def _match(key: str, value: str | bool) -> models.FieldCondition:
 def _keep(best: dict[str, _Point], point: _Point) -> None:
     if point.id not in best or best[point.id].similarity < point.similarity:
         best[point.id] = point
-
-
-def _cosine(a: list[float], b: list[float]) -> float:
-    if not a or not b:
-        return 0.0
-    dot = sum(x * y for x, y in zip(a, b, strict=True))
-    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
-    return dot / (na * nb) if na and nb else 0.0

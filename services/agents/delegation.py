@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from schemas.envelope import new_id, utcnow
@@ -42,7 +43,13 @@ def offered_names(kind: AgentKind) -> tuple[str, ...]:
 
 
 def offered_tools(kind: AgentKind, policy: DelegationPolicy) -> list[dict[str, Any]]:
-    """The function schemas the model is offered; `delegate`'s names the kinds it may reach."""
+    """The function schemas the model is offered; `delegate`'s names the kinds it may reach.
+    Built once per kind and policy (every step asks), a new list each time."""
+    return list(_offered_tools(kind, policy))
+
+
+@cache
+def _offered_tools(kind: AgentKind, policy: DelegationPolicy) -> tuple[dict[str, Any], ...]:
     tools = [TOOL_SPECS[name].openai_schema for name in kind.tools]
     if kind.delegates_to:
         schema = copy.deepcopy(TOOL_SPECS[DELEGATE].openai_schema)
@@ -51,7 +58,7 @@ def offered_tools(kind: AgentKind, policy: DelegationPolicy) -> list[dict[str, A
         schema["function"]["description"] += f" Kinds: {kinds}."
         schema["function"]["parameters"]["properties"]["kind"]["enum"] = list(kind.delegates_to)
         tools.append(schema)
-    return tools
+    return tuple(tools)
 
 
 def target_error(kind: AgentKind, arguments: dict[str, Any]) -> str | None:

@@ -12,6 +12,7 @@ from services.runtime.offline_model import find_expressions
 from services.tools.calculator import CalculatorError, evaluate
 from services.tools.registry import CallContext, Tool, ToolUsageError
 
+
 def arithmetic_answer() -> Tool:
     """Computes every arithmetic expression in the goal's text with the calculator. Text with no
     expression is a usage error: the fallback cannot answer it, so the goal escalates or fails."""

@@ -145,6 +145,7 @@ def create_app(settings: Settings, gateway: GatewaySettings, metrics: Metrics | 
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.api_keys = logic.ApiKeys(gateway.api_keys)
     app.state.metrics = metrics
     _errors(app)
     _count_requests(app, metrics)
@@ -219,8 +220,8 @@ def _deps(request: Request) -> logic.GatewayDeps:
 
 
 async def _tenant(request: Request, key: Annotated[str | None, Security(API_KEY)]) -> str:
-    settings: GatewaySettings = request.app.state.gateway
-    found = logic.tenant_for(key, settings.api_keys)
+    keys: logic.ApiKeys = request.app.state.api_keys
+    found = keys.tenant_for(key)
     if found is None:
         raise logic.Unauthorized("missing API key (header X-API-Key)" if not key else "unknown API key (header X-API-Key)")
     return found

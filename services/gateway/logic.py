@@ -138,17 +138,23 @@ class GatewayDeps:
 # ---- who is asking ----------------------------------------------------------------------------
 
 
-def tenant_for(presented: str | None, keys: Mapping[SecretStr, str]) -> str | None:
-    """The tenant of the API key presented, or None. Every configured key is compared, each in
-    constant time over equal-length digests, so the time taken says nothing about the keys."""
-    if not presented:
-        return None
-    given = hashlib.sha256(presented.encode()).digest()
-    tenant = None
-    for key, owner in keys.items():
-        if hmac.compare_digest(hashlib.sha256(key.get_secret_value().encode()).digest(), given) and tenant is None:
-            tenant = owner
-    return tenant
+class ApiKeys:
+    """The configured API keys (GATEWAY_API_KEYS), held as digests worked out once."""
+
+    def __init__(self, keys: Mapping[SecretStr, str]) -> None:
+        self._digests = [(hashlib.sha256(k.get_secret_value().encode()).digest(), t) for k, t in keys.items()]
+
+    def tenant_for(self, presented: str | None) -> str | None:
+        """The tenant of the API key presented, or None. Every configured key is compared, each in
+        constant time over equal-length digests, so the time taken says nothing about the keys."""
+        if not presented:
+            return None
+        given = hashlib.sha256(presented.encode()).digest()
+        tenant = None
+        for digest, owner in self._digests:
+            if hmac.compare_digest(digest, given) and tenant is None:
+                tenant = owner
+        return tenant
 
 
 def actor(tenant: str) -> str:

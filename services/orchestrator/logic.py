@@ -354,7 +354,6 @@ async def change_lifecycle(deps: OrchestratorDeps, event: GoalLifecycleRequested
             state.status = requested(event.goal_id, before, event.action)
         except IllegalTransition as exc:
             log.info("%s of goal %s rejected: %s", event.action, event.goal_id, exc)
-            state.status = before
             return state, [rejected(deps, event, before, str(exc))]
         changed = GoalStateChanged(
             **event.caused(task_id=None), from_state=before, to_state=state.status, action=event.action,

@@ -129,11 +129,6 @@ class GoalTypes:
         except KeyError:
             raise ConfigurationError(f"unknown goal type {name!r}; known goal types: {sorted(self.types)}") from None
 
-    def handles_failure(self, name: str | None) -> bool:
-        """Whether a goal of this type does anything but fail when its agent path fails."""
-        kind = self.types.get(name) if name else None
-        return kind is not None and (kind.fallback is not None or kind.on_failure == "escalate")
-
     def allows(self, actor: str, tool: str) -> bool:
         """Whether `actor` (`fallback:<type>`) may call `tool`: only the tools its fallback names."""
         kind = self.types.get(actor.removeprefix(FALLBACK_ACTOR)) if actor.startswith(FALLBACK_ACTOR) else None

@@ -52,16 +52,16 @@ KEYS = {SecretStr("alpha-key"): "acme", SecretStr("beta-key"): "beta"}
     [("alpha-key", "acme"), ("beta-key", "beta"), ("alpha-ke", None), ("alpha-key ", None), ("", None), (None, None)],
 )
 def test_an_api_key_maps_to_its_tenant_and_nothing_else_does(presented: str | None, tenant: str | None) -> None:
-    assert logic.tenant_for(presented, KEYS) == tenant
+    assert logic.ApiKeys(KEYS).tenant_for(presented) == tenant
 
 
 def test_no_configured_keys_means_no_tenant() -> None:
-    assert logic.tenant_for("anything", {}) is None
+    assert logic.ApiKeys({}).tenant_for("anything") is None
 
 
 def test_api_keys_come_from_json_and_a_bad_tenant_is_named_without_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_API_KEYS", '{"s3cret-key": "acme"}')
-    assert logic.tenant_for("s3cret-key", GatewaySettings.from_env().api_keys) == "acme"
+    assert logic.ApiKeys(GatewaySettings.from_env().api_keys).tenant_for("s3cret-key") == "acme"
     assert "s3cret-key" not in repr(GatewaySettings.from_env())
 
     monkeypatch.setenv("GATEWAY_API_KEYS", '{"s3cret-key": "not a tenant"}')

@@ -8,8 +8,10 @@ reader or close the block it is delimited in.
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 MAX_FINDINGS = 12
@@ -91,6 +93,14 @@ def is_invisible(char: str) -> bool:
     return category in ("Cf", "Cc") or code in _INVISIBLE_EXTRA
 
 
+@cache
+def _invisible_table() -> dict[int, None]:
+    """Every character `is_invisible` calls invisible, as a `str.translate` table that deletes it:
+    built once, on first use (a pass over every code point, about 0.2 s), so dropping them from a
+    text runs in C, not in a Python loop over its characters (that loop ran on every agent step)."""
+    return {c: None for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and is_invisible(chr(c))}
+
+
 def _quote(text: str) -> str:
     flat = " ".join(text.split())
     return repr(flat if len(flat) <= 60 else flat[:57] + "...")
@@ -100,9 +110,12 @@ def scan(text: str) -> list[Finding]:
     """The injection markers in `text`, each kind of thing once, at most MAX_FINDINGS."""
     findings: list[Finding] = []
     invisible: dict[str, int] = {}
-    for char in text:
-        if is_invisible(char):
-            invisible[char] = invisible.get(char, 0) + 1
+    table = _invisible_table()
+    visible = text.translate(table)
+    if len(visible) != len(text):  # only then is there anything to count
+        for char in text:
+            if ord(char) in table:
+                invisible[char] = invisible.get(char, 0) + 1
     if invisible:
         parts = []
         for char, count in list(invisible.items())[:6]:
@@ -112,7 +125,6 @@ def scan(text: str) -> list[Finding]:
         findings.append(Finding("invisible", ", ".join(parts) + more))
     # Invisible characters can split a phrase ("ig\u200bnore") and full-width forms imitate ASCII:
     # the patterns look at what a reader would read.
-    visible = "".join(c for c in text if not is_invisible(c))
     seen: set[str] = set()
     for match in _DELIMITER.finditer(visible):
         tag = " ".join(match.group(0).lower().split())
@@ -132,5 +144,5 @@ def scan(text: str) -> list[Finding]:
 def neutralize(text: str) -> str:
     """`text` without invisible characters, and with every look-alike of a delimiter tag defused
     (its `<` written as `&lt;`), so that data can never close, or open, a block of its own."""
-    visible = "".join(c for c in text if not is_invisible(c))
+    visible = text.translate(_invisible_table())
     return _DELIMITER.sub(lambda m: "&lt;" + m.group(0)[1:], visible)

@@ -55,6 +55,7 @@ async def open_service(runtime: Runtime, kind: str | None = None, model: str | N
                     MemoryRecallCompleted: on(partial(logic.resume_with_memories, deps)),
                     ToolCallCompleted: on(partial(logic.resume_with_tool_result, deps)),
                 },
+                agent=agent_kind.name,
             )
         ]
     )

@@ -62,6 +62,8 @@ class Subscription:
     require_signature: frozenset[type[Envelope]] = frozenset()
     """Event types refused (dead-lettered as `tool_denied`, and audited) before their handler runs
     unless their `x-signature` header verifies: requests that must come from a platform service."""
+    agent: str | None = None
+    """The agent kind whose inbox this group reads: each handler call is an `invoke_agent` span."""
 
     def handler_for(self, event: Envelope) -> Handler | None:
         return self.handlers.get(type(event), self.fallback)

@@ -152,15 +152,13 @@ class Runtime:
 
     def pipeline(self, subscription: Subscription, producer: Producer, messaging_system: str = "kafka") -> MessagePipeline:
         """The pipeline a consumer feeds: the group also reads its topics' retry topics. Its metrics
-        are labelled with the group's name without the namespace (`orchestrator`, `agent.writer`);
-        an agent kind's group (`agent.<kind>`) traces each step as `invoke_agent <kind>`."""
+        are labelled with the group's name without the namespace (`orchestrator`, `agent.writer`)."""
         with_retries = replace(subscription, topics=self.topics.with_retries(subscription.topics))
         service = subscription.group.removeprefix(f"{self.settings.platform.namespace}.")
         return MessagePipeline(
             with_retries, producer, self.retry, notify_topic=self.topics.goals,
             signer=self.signer, audit_topic=self.topics.audit, metrics=self.metrics, service=service,
-            tracing=self.tracing, agent=service.removeprefix("agent.") if service.startswith("agent.") else None,
-            messaging_system=messaging_system,
+            tracing=self.tracing, messaging_system=messaging_system,
         )
 
 

@@ -131,7 +131,6 @@ class MessagePipeline:
         metrics: Metrics | None = None,
         service: str | None = None,
         tracing: Tracing | None = None,
-        agent: str | None = None,
         messaging_system: str = "kafka",
     ) -> None:
         self.subscription = subscription
@@ -147,8 +146,6 @@ class MessagePipeline:
         self.service = service or subscription.group
         """The `service` label of this pipeline's metrics."""
         self.tracing = tracing or Tracing.local()
-        self.agent = agent
-        """The agent kind whose inbox this group reads: each handler call is an `invoke_agent` span."""
         self.messaging_system = messaging_system
         self._rng = random.Random()
 
@@ -231,9 +228,9 @@ class MessagePipeline:
             exc = ValueError(f"{event.event_type} is not handled by {self.subscription.group}")
             return Rejection("unknown_event", exc)
         try:
-            if self.agent is None:
+            if self.subscription.agent is None:
                 return await handler(event, delivery)
-            with self.tracing.agent(self.agent, event):
+            with self.tracing.agent(self.subscription.agent, event):
                 return await handler(event, delivery)
         except GoalStopped as exc:
             log.info("%s of %s not handled: %s", event.event_type, event.task_id or event.goal_id, exc)

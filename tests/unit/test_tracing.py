@@ -193,8 +193,8 @@ async def test_a_dead_letter_and_its_notice_stay_on_the_trace_and_the_span_names
 
 
 async def test_an_agent_step_is_an_invoke_agent_span_inside_the_consumer_span(exporter: InMemorySpanExporter) -> None:
-    sub = Subscription("t.agent.researcher", ("t.agent.researcher",), {TaskAssigned: echo})
-    pipe = MessagePipeline(sub, RecordingProducer(), tracing=tracing(exporter), agent="researcher")
+    sub = Subscription("t.agent.researcher", ("t.agent.researcher",), {TaskAssigned: echo}, agent="researcher")
+    pipe = MessagePipeline(sub, RecordingProducer(), tracing=tracing(exporter))
     await pipe.process(delivery(TASK, topic="t.agent.researcher"))
 
     consumer = named(exporter, "process t.agent.researcher")

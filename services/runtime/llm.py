@@ -203,7 +203,10 @@ class LLMGateway:
             kwargs["response_format"] = {"type": "json_object"}
         reservation, ledger = None, self.budget
         if ledger is not None:
-            est_in = estimate_tokens(json.dumps(messages, default=str)) + (estimate_tokens(json.dumps(tools)) if tools else 0)
+            # The caller's estimate of the messages when it has one (an agent step has just counted
+            # them), rather than encoding them all again on every call.
+            in_messages = context_tokens if context_tokens is not None else estimate_tokens(json.dumps(messages, default=str))
+            est_in = in_messages + (estimate_tokens(json.dumps(tools)) if tools else 0)
             est_out = self.output_estimate_tokens
             reservation = await ledger.admit(
                 cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),

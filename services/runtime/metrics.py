@@ -15,6 +15,9 @@ never share a count. The metrics:
   being done with it (a retried message's wait for its due time is not included).
 - `switchboard_llm_calls_total{model,agent,purpose}`: model calls that returned, as recorded in
   `LLMCallRecorded`; `agent` is the agent kind, or `orchestrator`; `purpose` is plan, step or answer.
+  A call answered from the response cache reached no model, so it is not counted here.
+- `switchboard_llm_cache_hits_total{model,agent}`: calls answered from the response cache, and
+  `switchboard_llm_saved_cost_usd_total{model,agent}` what they would have cost.
 - `switchboard_llm_tokens_total{model,agent,direction}`: their tokens; `direction` is `input` or `output`.
 - `switchboard_llm_cost_usd_total{model,agent}`: their cost in US dollars.
 - `switchboard_tool_seconds{tool}`: histogram of the tools executor's tool calls, whatever their
@@ -129,6 +132,14 @@ class Metrics:
             "switchboard_llm_cost_usd_total", "Cost of the model calls that returned, in US dollars.",
             ["model", "agent"], registry=r,
         )
+        self.llm_cache_hits = Counter(
+            "switchboard_llm_cache_hits_total", "Calls answered from the response cache (no model called).",
+            ["model", "agent"], registry=r,
+        )
+        self.llm_saved_cost = Counter(
+            "switchboard_llm_saved_cost_usd_total", "What the calls answered from the response cache would have cost.",
+            ["model", "agent"], registry=r,
+        )
         self.tool_seconds = Histogram(
             "switchboard_tool_seconds", "Duration of tool calls run by the tools executor.",
             ["tool"], buckets=_BUCKETS, registry=r,
@@ -183,6 +194,10 @@ class Metrics:
         self.gateway_requests.labels(route, method, str(status)).inc()
 
     def llm_call(self, record: LLMCallRecorded) -> None:
+        if record.cache_hit:
+            self.llm_cache_hits.labels(record.model, record.agent).inc()
+            self.llm_saved_cost.labels(record.model, record.agent).inc(record.saved_cost_usd)
+            return
         self.llm_calls.labels(record.model, record.agent, record.purpose).inc()
         self.llm_tokens.labels(record.model, record.agent, "input").inc(record.input_tokens)
         self.llm_tokens.labels(record.model, record.agent, "output").inc(record.output_tokens)

@@ -45,6 +45,11 @@ def _record_once(metrics: Metrics) -> None:
         prompt_version="v1", prompt_hash="h", messages=[], response={}, input_tokens=3, output_tokens=2,
         cost_usd=0.01, latency_ms=5.0, instance="test:1",
     ))
+    metrics.llm_call(LLMCallRecorded(
+        tenant="acme", goal_id="g1", purpose="step", agent="researcher", model="offline/default",
+        prompt_version="v1", prompt_hash="h", messages=[], response={}, input_tokens=0, output_tokens=0,
+        cost_usd=0.0, latency_ms=0.1, instance="test:1", cache_hit=True, saved_tokens=5, saved_cost_usd=0.01,
+    ))
     metrics.tool_call("calculator", 0.2, "failed")
     metrics.circuit("calculator", "open")
     metrics.produced(GoalFailed(tenant="acme", goal_id="g1", reason="runaway_loop"))

@@ -190,6 +190,30 @@ async def test_llm_calls_tokens_and_cost_are_counted_by_model_and_agent_as_recor
         assert metrics.value("switchboard_llm_cost_usd_total", **labels) == pytest.approx(cost)
 
 
+async def test_a_call_answered_from_the_cache_counts_as_a_hit_and_what_it_saved_not_as_a_model_call() -> None:
+    from services.runtime.llm import response_cache
+
+    metrics = Metrics()
+    gateway = LLMGateway(
+        LLMSettings(offline_cost_per_1k_tokens=0.5), {"offline/default"}, "test:1", metrics=metrics,
+        cache=response_cache(None, "unit"),
+    )
+    prompt = Prompt("researcher", "v1", "You research.")
+    messages = [{"role": "system", "content": prompt.text}, {"role": "user", "content": "What is 12*7"}]
+    first, second = [
+        await gateway.complete(
+            model="offline/default", prompt=prompt, messages=messages, purpose="step", agent="researcher",
+            cause=GOAL, cache=True,
+        )
+        for _ in range(2)
+    ]
+    assert second.record.cache_hit
+    labels = {"model": "offline/default", "agent": "researcher"}
+    assert metrics.value("switchboard_llm_calls_total", **labels, purpose="step") == 1
+    assert metrics.value("switchboard_llm_cache_hits_total", **labels) == 1
+    assert metrics.value("switchboard_llm_saved_cost_usd_total", **labels) == pytest.approx(first.record.cost_usd)
+
+
 # The tools executor's limits.
 
 

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Annotated
 
 import typer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rich.console import Group as Stack
@@ -24,6 +24,7 @@ from rich.text import Text
 from services.ops.lag import STATUS_RULES, GroupLag, LagStatus, select_groups
 from services.ops.lag_reader import GroupSelector, LagReader
 from services.ops.terminal import console, echo_json, err, reader_settings, run_async
+from services.runtime.metrics import serve_metrics
 
 LAG_OFFSETS = "switchboard_consumer_lag_offsets"
 LAG_SECONDS = "switchboard_consumer_lag_seconds"
@@ -141,9 +142,9 @@ async def refresh_forever(
         if port is not None:
             registry = CollectorRegistry()
             registry.register(collector)
-            server, _ = start_http_server(port, addr=bind, registry=registry)
-            stack.callback(server.server_close)  # runs after shutdown: the exit stack unwinds last in, first out
-            stack.callback(server.shutdown)
+            endpoint = serve_metrics(registry, bind, port, remedy="Choose a free port with --serve, and the address with --bind.")
+            if endpoint is not None:
+                stack.callback(endpoint.close)
             err.print(f"serving {LAG_OFFSETS}, {LAG_SECONDS} and {STATUS} on http://{bind}:{port}/metrics")
         live = stack.enter_context(Live(console=console, auto_refresh=False)) if watch else None
         while True:

@@ -238,20 +238,21 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint | None:
-    """Serve `metrics` on host:port (SWITCHBOARD_METRICS_HOST/PORT); None when port is 0 (off).
-    Raises ConfigurationError, naming the settings, when it cannot listen there."""
+def serve_metrics(
+    metrics: Metrics | CollectorRegistry, host: str, port: int,
+    remedy: str = "Set SWITCHBOARD_METRICS_PORT to a port that is free (each process on a machine needs its own), "
+    "or to 0 to turn the endpoint off; SWITCHBOARD_METRICS_HOST is the address it listens on.",
+) -> MetricsEndpoint | None:
+    """Serve `metrics` (a process's, or any registry, e.g. the lag exporter's) on host:port; None
+    when port is 0 (off). Raises ConfigurationError, saying `remedy`, when it cannot listen there."""
     if port == 0:
         return None
+    registry = metrics.registry if isinstance(metrics, Metrics) else metrics
     try:
-        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         why = exc.strerror or str(exc)
-        raise ConfigurationError(
-            f"cannot serve metrics on {host}:{port} ({why}). Set SWITCHBOARD_METRICS_PORT to a port that is free "
-            f"(each process on a machine needs its own), or to 0 to turn the endpoint off; "
-            f"SWITCHBOARD_METRICS_HOST is the address it listens on."
-        ) from exc
+        raise ConfigurationError(f"cannot serve metrics on {host}:{port} ({why}). {remedy}") from exc
     endpoint = MetricsEndpoint(host, server, thread)
     log.info("serving metrics on %s", endpoint.url)
     return endpoint

@@ -336,6 +336,14 @@ def test_a_port_in_use_is_a_configuration_error_naming_the_setting() -> None:
     assert f"127.0.0.1:{port}" in str(refused.value)
 
 
+def test_the_lag_exporters_registry_on_a_port_in_use_says_what_to_change() -> None:
+    from prometheus_client import CollectorRegistry
+
+    with listening() as port, pytest.raises(ConfigurationError, match="--serve") as refused:
+        serve_metrics(CollectorRegistry(), "127.0.0.1", port, remedy="Choose a free port with --serve.")
+    assert f"127.0.0.1:{port}" in str(refused.value) and "SWITCHBOARD_METRICS_PORT" not in str(refused.value)
+
+
 def test_serve_exits_with_the_setting_named_when_its_metrics_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing listens on these: serve must stop at the metrics port, before it connects anywhere.
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")

@@ -94,9 +94,11 @@ class TopStats:
         self.started = started
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._in_flight: dict[str, str] = {}
-        self._waiting: set[str] = set()
         """Goal id to tenant, for goals submitted, planned or reopened and not finished since."""
-        self._finished: set[str] = set()
+        self._waiting: set[str] = set()
+        """Goals that escalated to a person and are not answered or cancelled yet."""
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        """Goals seen to end (their end may be read before their submission), the latest only."""
         self._calls: deque[_Call] = deque()
         self._letters: deque[tuple[float, str, str]] = deque()
         self._letters_added: Counter[tuple[str, str]] = Counter()
@@ -131,7 +133,7 @@ class TopStats:
                 if item.goal_id not in self._finished:
                     self._waiting.add(item.goal_id)
             case GoalReopened():
-                self._finished.discard(item.goal_id)
+                self._finished.pop(item.goal_id, None)
                 self._in_flight[item.goal_id] = item.tenant
             case GoalCompleted():
                 self._finish(item.goal_id)
@@ -155,7 +157,9 @@ class TopStats:
     def _finish(self, goal_id: str) -> None:
         self._in_flight.pop(goal_id, None)
         self._waiting.discard(goal_id)
-        self._finished.add(goal_id)
+        self._finished[goal_id] = None
+        if len(self._finished) > _REMEMBERED_EVENTS:
+            self._finished.popitem(last=False)
 
     def _prune(self, now: float) -> None:
         horizon = now - self.window_s

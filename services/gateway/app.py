@@ -5,13 +5,12 @@ logic.py; the events stream (server-sent events) follows the goal's record via s
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import uvicorn
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +49,7 @@ from services.runtime.catalogue import AgentCatalogue
 from services.runtime.errors import ConfigurationError
 from services.runtime.goal_types import GoalTypes
 from services.runtime.host import Settings
-from services.runtime.kafka_bus import ensure_topics
+from services.runtime.kafka_bus import RecordSender, ensure_topics
 from services.runtime.metrics import Metrics, MetricsEndpoint, serve_metrics
 from services.runtime.signing import Signer
 
@@ -83,17 +82,6 @@ ANSWERS: Responses = {
 }
 
 
-class _KafkaSender:
-    """The gateway's one producer (idempotent, acks=all), as the runtime's Producer protocol."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self.producer = producer
-
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]) -> None:
-        encoded = [(name, text.encode()) for name, text in headers.items()]
-        await self.producer.send_and_wait(topic, value, key=key, headers=encoded)
-
-
 def create_app(settings: Settings, gateway: GatewaySettings, metrics: Metrics | None = None) -> FastAPI:
     """The gateway's ASGI app; it counts its requests and streams in `metrics` (the process's).
     Raises ConfigurationError when it could not serve anyone: no API keys, no Redis URL, no
@@ -106,7 +94,7 @@ def create_app(settings: Settings, gateway: GatewaySettings, metrics: Metrics | 
         )
     if not settings.redis.url:
         raise ConfigurationError("REDIS_URL is not set: the gateway reads goals from the deployment's Redis.")
-    bootstrap = settings.kafka.require()
+    settings.kafka.require()  # no Kafka: nothing could be published
     platform = settings.platform
     catalogue = AgentCatalogue.load(platform.agents_dir)
     goal_types = GoalTypes.load(platform.goal_types_dir)
@@ -122,19 +110,17 @@ def create_app(settings: Settings, gateway: GatewaySettings, metrics: Metrics | 
         streams = Redis.from_pool(BlockingConnectionPool.from_url(
             url, max_connections=gateway.max_streams, timeout=redis_settings.pool_timeout_s,
         ))
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, client_id="switchboard-gateway")
         try:
             await ensure_topics(settings.kafka, topics.all_topics(), platform.partitions)
-            await producer.start()
-            app.state.deps = logic.GatewayDeps(
-                redis=requests, streams=streams, producer=_KafkaSender(producer), keys=keys, topics=topics,
-                signer=Signer.from_setting(platform.signing_key), ledger=BudgetLedger(requests, keys, settings.budget),
-                settings=gateway, slots=logic.StreamSlots(gateway.max_streams, metrics=metrics), goal_types=goal_types,
-                metrics=metrics,
-            )
-            yield
+            async with RecordSender(settings.kafka, client_id="switchboard-gateway") as producer:
+                app.state.deps = logic.GatewayDeps(
+                    redis=requests, streams=streams, producer=producer, keys=keys, topics=topics,
+                    signer=Signer.from_setting(platform.signing_key), ledger=BudgetLedger(requests, keys, settings.budget),
+                    settings=gateway, slots=logic.StreamSlots(gateway.max_streams, metrics=metrics),
+                    goal_types=goal_types, metrics=metrics,
+                )
+                yield
         finally:
-            await producer.stop()
             await streams.aclose()
             await requests.aclose()
 

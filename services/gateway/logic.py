@@ -57,7 +57,7 @@ from services.runtime.errors import ConfigurationError, SwitchboardError
 from services.runtime.goal_types import GoalTypes
 from services.runtime.goal_view import GoalStateView
 from services.runtime.metrics import Metrics
-from services.runtime.signing import SIGNATURE, Signer
+from services.runtime.signing import Signer, event_headers
 from services.runtime.tracecontext import child_traceparent, new_traceparent
 
 SUBMITTED_BY = "gateway"
@@ -169,19 +169,10 @@ def events_url(goal_id: str) -> str:
 # ---- publishing -------------------------------------------------------------------------------
 
 
-def event_headers(event: Envelope, value: bytes, signer: Signer, parent: str | None = None) -> dict[str, str]:
-    """The headers every service's events carry: the trace (continuing `parent` when given), the
-    event type, and the signature consumers that require one verify."""
-    return {
-        "traceparent": child_traceparent(parent) if parent else new_traceparent(),
-        "event_type": event.event_type,
-        SIGNATURE: signer.sign(value),
-    }
-
-
 async def publish(deps: GatewayDeps, topic: str, key: str, event: Envelope, parent: str | None = None) -> None:
     value = event.to_bytes()
-    await deps.producer.send(topic, key.encode(), value, event_headers(event, value, deps.signer, parent))
+    trace = child_traceparent(parent) if parent else new_traceparent()
+    await deps.producer.send(topic, key.encode(), value, event_headers(event, value, deps.signer, trace))
 
 
 # ---- goals ------------------------------------------------------------------------------------

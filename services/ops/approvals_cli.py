@@ -17,7 +17,7 @@ from schemas.events import ApprovalDecided
 from services.ops.terminal import console, echo_json, err, reader_settings, run_async
 from services.runtime.approvals import Approval, ApprovalBook
 from services.runtime.host import Settings, open_runtime
-from services.runtime.signing import SIGNATURE, Signer
+from services.runtime.signing import Signer, event_headers
 from services.runtime.tracecontext import child_traceparent
 
 approvals_app = typer.Typer(help="Tool calls waiting for a person's approval.", no_args_is_help=True)
@@ -84,11 +84,11 @@ async def _decide(approval_id: str, approved: bool, by: str, reason: str) -> int
     r = approval.request
     decision = ApprovalDecided(**r.caused(), approval_id=approval_id, approved=approved, decided_by=by, reason=reason)
     value = decision.to_bytes()
+    # The executor refuses unsigned decisions, as it refuses unsigned requests.
+    signer = Signer.from_setting(settings.platform.signing_key)
     headers = [
-        ("traceparent", child_traceparent(approval.traceparent).encode()),
-        ("event_type", decision.event_type.encode()),
-        # The executor refuses unsigned decisions, as it refuses unsigned requests.
-        (SIGNATURE, Signer.from_setting(settings.platform.signing_key).sign(value).encode()),
+        (name, text.encode())
+        for name, text in event_headers(decision, value, signer, child_traceparent(approval.traceparent)).items()
     ]
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.require(), enable_idempotence=True)
     await producer.start()

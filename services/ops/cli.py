@@ -38,6 +38,7 @@ from services.runtime.errors import ConfigurationError
 from services.runtime.goal_types import GoalTypes
 from services.runtime.host import ServiceSpec, Settings, kafka_app, run_embedded
 from services.runtime.metrics import Metrics, serve_metrics
+from services.runtime.signing import Signer
 from services.runtime.tracecontext import new_traceparent
 
 app = typer.Typer(
@@ -300,15 +301,17 @@ def submit(
 
     topics = Topics(settings.platform.namespace, AgentCatalogue.load(settings.platform.agents_dir).names)
 
+    signer = Signer.from_setting(settings.platform.signing_key)
+
     async def main() -> int:
         if not follow:
             await ensure_topics(settings.kafka, topics.all_topics(), settings.platform.partitions)
-            await publish(settings.kafka, topics.goals, event, event.goal_id)
+            await publish(settings.kafka, topics.goals, event, event.goal_id, signer)
             console.print(event.goal_id)
             return 0
         view = ProgressView(console, event.goal_id)
         async with goal_follower(settings.kafka, topics, settings.platform.partitions) as consumer:
-            await publish(settings.kafka, topics.goals, event, event.goal_id)
+            await publish(settings.kafka, topics.goals, event, event.goal_id, signer)
             try:
                 async with asyncio.timeout(timeout):
                     async for shown in goal_events(consumer, event.goal_id):

@@ -309,7 +309,7 @@ async def _run_redrive(
     )
 
     from memory.keys import RedisKeys
-    from services.ops.kafka_client import RecordSender
+    from services.runtime.kafka_bus import RecordSender
     from services.runtime.budget import BudgetLedger
     from services.runtime.kafka_bus import ensure_topics
 

@@ -5,28 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from schemas.envelope import Envelope
 from schemas.events import decode_event
 from schemas.topics import Topics
-from services.runtime.kafka_bus import ensure_topics, topic_partitions
+from services.runtime.kafka_bus import RecordSender, ensure_topics, topic_partitions
+from services.runtime.signing import Signer, event_headers
 from services.runtime.settings import KafkaSettings
 from services.runtime.tracecontext import new_traceparent
 
 
-async def publish(kafka: KafkaSettings, topic: str, event: Envelope, key: str) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.require(), enable_idempotence=True)
-    await producer.start()
-    try:
-        headers = [("traceparent", new_traceparent().encode()), ("event_type", event.event_type.encode())]
-        await producer.send_and_wait(topic, event.to_bytes(), key=key.encode(), headers=headers)
-    finally:
-        await producer.stop()
+async def publish(kafka: KafkaSettings, topic: str, event: Envelope, key: str, signer: Signer) -> None:
+    """One event, with the headers every service's events carry (signed, in a new trace)."""
+    value = event.to_bytes()
+    async with RecordSender(kafka, client_id="switchboard-cli") as sender:
+        await sender.send(topic, key.encode(), value, event_headers(event, value, signer, new_traceparent()))
 
 
 @contextlib.asynccontextmanager
@@ -136,24 +134,3 @@ async def read_one(
                         return record if record.offset == offset else None
                 if await consumer.position(tp) >= end:
                     return None
-
-
-class RecordSender:
-    """Produces records with the key, value and headers it is given; each send waits for the ack.
-
-    Idempotent (acks=all), like the services' producer. Fits services.runtime.bus.Producer.
-    """
-
-    def __init__(self, kafka: KafkaSettings) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=kafka.require(), enable_idempotence=True)
-
-    async def __aenter__(self) -> RecordSender:
-        await self._producer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._producer.stop()
-
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]) -> None:
-        encoded = [(name, text.encode()) for name, text in headers.items()]
-        await self._producer.send_and_wait(topic, value, key=key, headers=encoded)

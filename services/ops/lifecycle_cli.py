@@ -26,6 +26,7 @@ from services.ops.terminal import TenantOption, console, echo_json, err, reader_
 from services.runtime.budget import BudgetLedger
 from services.runtime.goal_view import GoalStateView
 from services.runtime.host import Settings
+from services.runtime.signing import Signer
 
 GoalIdArgument = Annotated[str, typer.Argument(metavar="ID", help="The goal's id, as `goal submit` printed it.")]
 ByOption = Annotated[str | None, typer.Option("--by", help="Who asks (default: $USER@hostname); announced with the change.")]
@@ -55,13 +56,14 @@ async def _ask(request: GoalLifecycleRequested | GoalAnswered, action: str, wait
 
     settings, topics = reader_settings()
     goal_id = request.goal_id
+    signer = Signer.from_setting(settings.platform.signing_key)
     if not wait:
         await ensure_topics(settings.kafka, topics.all_topics(), settings.platform.partitions)
-        await publish(settings.kafka, topics.goals, request, goal_id)
+        await publish(settings.kafka, topics.goals, request, goal_id, signer)
         console.print(f"asked to {action} goal {escape(goal_id)} ({request.event_id})")
         return 0
     async with goal_follower(settings.kafka, topics, settings.platform.partitions) as consumer:
-        await publish(settings.kafka, topics.goals, request, goal_id)
+        await publish(settings.kafka, topics.goals, request, goal_id, signer)
         try:
             async with asyncio.timeout(timeout):
                 with console.status(f"asked to {action} goal {escape(goal_id)}; waiting for the orchestrator"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream.kafka import KafkaBroker
 
@@ -74,3 +74,24 @@ async def ensure_topics(kafka: KafkaSettings, topics: list[str], partitions: int
         log.info("created topics %s", missing)
     finally:
         await admin.close()
+
+
+class RecordSender:
+    """Produces records with the key, value and headers it is given; each send waits for the ack.
+
+    Idempotent (acks=all), like the services' producer. Fits services.runtime.bus.Producer.
+    """
+
+    def __init__(self, kafka: KafkaSettings, client_id: str = "switchboard") -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=kafka.require(), enable_idempotence=True, client_id=client_id)
+
+    async def __aenter__(self) -> RecordSender:
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._producer.stop()
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]) -> None:
+        encoded = [(name, text.encode()) for name, text in headers.items()]
+        await self._producer.send_and_wait(topic, value, key=key, headers=encoded)

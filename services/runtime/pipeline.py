@@ -46,7 +46,7 @@ from services.runtime.errors import (
     TransportFailure,
 )
 from services.runtime.metrics import NOT_AN_EVENT, Metrics, StepOutcome
-from services.runtime.signing import DEVELOPMENT_KEY, SIGNATURE, Signer
+from services.runtime.signing import DEVELOPMENT_KEY, Signer, event_headers
 from services.runtime.tracecontext import trace_id
 from services.runtime.tracing import TRACEPARENT as TRACEPARENT
 from services.runtime.tracing import Tracing, failed, inject
@@ -294,7 +294,7 @@ class MessagePipeline:
     async def _produce(self, outputs: list[Outgoing], delivery: Delivery) -> None:
         for out in outputs:
             value = out.event.to_bytes()
-            headers = {"event_type": out.event.event_type, SIGNATURE: self.signer.sign(value)}
+            headers = event_headers(out.event, value, self.signer)
             inject(headers, delivery.headers)
             await self._send(out.topic, out.key.encode(), value, headers)
             self.metrics.produced(out.event)

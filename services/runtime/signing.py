@@ -11,6 +11,8 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+from schemas.envelope import Envelope
+
 from pydantic import SecretStr
 
 SIGNATURE = "x-signature"
@@ -53,3 +55,12 @@ class Signer:
         if not self.verify(value, signature):
             return "the request's signature does not match its content (tampered, or signed with another key)"
         return None
+
+
+def event_headers(event: Envelope, value: bytes, signer: Signer, traceparent: str | None = None) -> dict[str, str]:
+    """The headers every event the platform produces carries: its type, its signature (consumers
+    that require one verify it), and its trace when given (`value` is `event.to_bytes()`)."""
+    headers = {"event_type": event.event_type, SIGNATURE: signer.sign(value)}
+    if traceparent:
+        headers["traceparent"] = traceparent
+    return headers

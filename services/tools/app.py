@@ -16,7 +16,7 @@ from services.runtime.bus import Delivery, Outgoing, Producer, Subscription, on
 from services.runtime.host import Runtime, ServiceApp
 from services.runtime.idempotency import SideEffectGuard
 from services.runtime.pipeline import TRACEPARENT
-from services.runtime.signing import SIGNATURE
+from services.runtime.signing import event_headers
 from services.runtime.tracecontext import child_traceparent
 from services.runtime.tracing import current_traceparent
 from services.tools import logic, registry
@@ -84,10 +84,7 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
                         decided_by="timeout", reason=f"not decided within {settings.approval_timeout_s:g}s",
                     )
                     value = timeout.to_bytes()
-                    headers = {
-                        SIGNATURE: runtime.signer.sign(value), "event_type": timeout.event_type,
-                        TRACEPARENT: child_traceparent(approval.traceparent),
-                    }
+                    headers = event_headers(timeout, value, runtime.signer, child_traceparent(approval.traceparent))
                     key = (approval.request.task_id or approval.request.goal_id).encode()
                     await producer.send(runtime.topics.tools, key, value, headers)
             except Exception:  # the sweep runs again on the next tick; a claimed approval is lost only if Kafka is down

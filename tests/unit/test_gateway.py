@@ -168,15 +168,17 @@ def test_a_client_that_had_the_goals_end_has_nothing_more_to_get() -> None:
 # ---- publishing -------------------------------------------------------------------------------
 
 
-def test_what_the_gateway_publishes_is_signed_typed_and_traced() -> None:
-    signer = Signer("unit-key")
-    value = GOAL.to_bytes()
+async def test_what_the_gateway_publishes_is_signed_typed_and_traced(redis: Redis, keys: RedisKeys, topics: Topics) -> None:
+    producer = Recorder()
+    deps = _deps(redis, keys, topics, producer)
     parent = new_traceparent()
-    headers = logic.event_headers(GOAL, value, signer, parent)
-    assert headers["event_type"] == "goal.submitted"
-    assert signer.problem(value, headers) is None
-    assert trace_id(headers["traceparent"]) == trace_id(parent) and headers["traceparent"] != parent
-    assert trace_id(logic.event_headers(GOAL, value, signer)["traceparent"]) is not None
+    await logic.publish(deps, topics.goals, GOAL.goal_id, GOAL, parent)  # in the approval's trace
+    await logic.publish(deps, topics.goals, GOAL.goal_id, GOAL)  # a trace of its own
+    [traced, fresh] = producer.sent
+    assert traced.headers["event_type"] == "goal.submitted"
+    assert Signer("unit-key").problem(traced.value, traced.headers) is None
+    assert trace_id(traced.headers["traceparent"]) == trace_id(parent) and traced.headers["traceparent"] != parent
+    assert trace_id(fresh.headers["traceparent"]) not in (None, trace_id(parent))
 
 
 @dataclasses.dataclass

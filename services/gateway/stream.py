@@ -17,6 +17,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from memory.timeline import TimelineEntry
+from schemas.events import decode_event, goal_end
 from services.runtime.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.gateway")
@@ -62,9 +63,15 @@ def frame_data(event_type: str, payload: bytes) -> dict[str, Any]:
     return data
 
 
-def ends_goal(event_type: str, data: dict[str, Any]) -> bool:
-    """True for the last event a goal's stream needs: it completed, failed or was cancelled."""
-    return event_type in OUTCOMES or (event_type == "goal.state_changed" and data.get("to_state") == "cancelled")
+def ends_goal(event_type: str, payload: bytes) -> bool:
+    """True for the last event a goal's stream needs: what schemas.events.goal_end says ends it
+    (completed, failed or cancelled). Only goal-level events are decoded to ask."""
+    if not event_type.startswith("goal."):
+        return False
+    try:
+        return goal_end(decode_event(payload)) is not None
+    except ValueError:  # pydantic's ValidationError is one
+        return False
 
 
 @dataclass
@@ -87,10 +94,8 @@ class Frame:
     id: str
     event: str
     data: dict[str, Any]
-
-    @property
-    def ends(self) -> bool:
-        return ends_goal(self.event, self.data)
+    ends: bool = False
+    """The goal's last event: the stream ends after it."""
 
     @property
     def data_json(self) -> str:
@@ -119,7 +124,7 @@ def resume_from(prefix: Iterable[TimelineEntry], last_id: str | None) -> Resume:
     """What a client that has had every entry up to `last_id` (the entries in `prefix`) has seen."""
     resume = Resume(cursor=last_id or FIRST)
     for entry in prefix:
-        if resume.seen.first_time(entry.event_id) and _ends(entry):
+        if resume.seen.first_time(entry.event_id) and ends_goal(entry.event_type, entry.payload):
             resume.ended = True
     return resume
 
@@ -134,18 +139,7 @@ def frames(batch: Iterable[TimelineEntry], seen: SeenEvents) -> Iterable[Frame]:
         except ValueError:
             log.warning("skipped entry %s of a goal record: its payload is not JSON", entry.entry_id)
             continue
-        yield Frame(entry.entry_id, entry.event_type, data)
-
-
-def _ends(entry: TimelineEntry) -> bool:
-    if entry.event_type in OUTCOMES:
-        return True
-    if entry.event_type != "goal.state_changed":
-        return False
-    try:
-        return ends_goal(entry.event_type, frame_data(entry.event_type, entry.payload))
-    except ValueError:
-        return False
+        yield Frame(entry.entry_id, entry.event_type, data, ends_goal(entry.event_type, entry.payload))
 
 
 # ---- Redis ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from schemas.budget import BudgetLimits
 from schemas.envelope import Envelope
 from schemas.events import (
     GoalCompleted,
+    GoalEscalated,
     GoalFailed,
     GoalStateChanged,
     GoalSubmitted,
@@ -123,10 +124,11 @@ def test_every_other_event_is_framed_as_recorded() -> None:
         (GoalStateChanged(**GOAL.caused(), from_state="running", to_state="cancelled", action="cancel", requested_by="x"), True),
         (GoalStateChanged(**GOAL.caused(), from_state="running", to_state="paused", action="pause", requested_by="x"), False),
         (TOOL, False),
+        (GoalEscalated(**GOAL.caused(), reason="budget_exceeded", goal_text=GOAL.text), False),  # it waits
     ],
 )
 def test_the_stream_ends_with_the_goal(event: Envelope, ends: bool) -> None:
-    assert stream.ends_goal(event.event_type, stream.frame_data(event.event_type, event.to_bytes())) is ends
+    assert stream.ends_goal(event.event_type, event.to_bytes()) is ends
 
 
 @pytest.mark.parametrize(

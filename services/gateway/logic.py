@@ -388,23 +388,13 @@ def answer_to(request_id: str, entry: TimelineEntry) -> StateChanged | RequestRe
 
 async def pending_approvals(deps: GatewayDeps, tenant: str) -> list[PendingApproval]:
     """The tenant's tool calls waiting for a decision, soonest to expire first."""
-    # redis-py types sorted-set rows loosely; with decode_responses off they are bytes.
-    members = cast(list[bytes], await deps.redis.zrange(deps.keys.pending_approvals(), 0, -1))
-    book = ApprovalBook(deps.redis, deps.keys)
-    waiting = []
-    for member in members:
-        owner, _, approval_id = member.decode().partition("/")
-        if owner != tenant:
-            continue
-        approval = await book.get(tenant, approval_id)
-        if approval is None or approval.state != "pending":
-            continue
-        r = approval.request
-        waiting.append(PendingApproval(
-            approval_id=approval_id, goal_id=r.goal_id, task_id=r.task_id, tool=r.tool, arguments=r.arguments,
-            agent_kind=r.agent_kind, expires_at=approval.expires.isoformat(),
-        ))
-    return waiting
+    return [
+        PendingApproval(
+            approval_id=a.approval_id, goal_id=a.request.goal_id, task_id=a.request.task_id, tool=a.request.tool,
+            arguments=a.request.arguments, agent_kind=a.request.agent_kind, expires_at=a.expires.isoformat(),
+        )
+        for a in await ApprovalBook(deps.redis, deps.keys).pending(tenant)
+    ]
 
 
 async def decide_approval(deps: GatewayDeps, tenant: str, approval_id: str, approved: bool, reason: str) -> ApprovalSent:

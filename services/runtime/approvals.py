@@ -82,10 +82,15 @@ class ApprovalBook:
                 raise ConcurrentUpdate(f"approval {approval_id} was decided concurrently") from exc
         return approval
 
-    async def pending(self) -> list[Approval]:
-        """Every undecided approval, soonest to expire first."""
-        found = [await self.get(*_split(m)) for m in await self._members()]
-        return [a for a in found if a is not None and a.state == "pending"]
+    async def pending(self, tenant: str | None = None) -> list[Approval]:
+        """Every undecided approval (of `tenant`, when given), soonest to expire first: one MGET."""
+        members = [_split(m) for m in await self._members()]
+        wanted = [(t, a) for t, a in members if tenant is None or t == tenant]
+        if not wanted:
+            return []
+        raws = await self.redis.mget([self.keys.approval(t, a) for t, a in wanted])
+        found = [Approval.model_validate_json(raw) for raw in raws if raw]
+        return [a for a in found if a.state == "pending"]
 
     async def find(self, approval_id: str) -> Approval | None:
         """An approval by id alone (the CLI does not know its tenant)."""

@@ -51,6 +51,8 @@ async def test_a_call_that_needs_approval_waits_without_running_and_is_announced
     assert notes(tmp_path) == []
     assert await logic.execute(d, request("save_note", NOTE)) == []  # a redelivery: still waiting, announced once
     assert [a.approval_id for a in await ApprovalBook(redis, keys).pending()] == [asked.approval_id]
+    assert [a.approval_id for a in await ApprovalBook(redis, keys).pending(asked.tenant)] == [asked.approval_id]
+    assert await ApprovalBook(redis, keys).pending("another-tenant") == []
 
 
 async def test_an_approved_call_runs_once_and_answers_the_agent(redis: Redis, keys: RedisKeys, tmp_path: Path) -> None:

@@ -201,19 +201,9 @@ class LLMGateway:
             kwargs["tools"] = tools
         if json_mode:
             kwargs["response_format"] = {"type": "json_object"}
-        reservation, ledger = None, self.budget
-        if ledger is not None:
-            # The caller's estimate of the messages when it has one (an agent step has just counted
-            # them), rather than encoding them all again on every call.
-            in_messages = context_tokens if context_tokens is not None else estimate_tokens(json.dumps(messages, default=str))
-            est_in = in_messages + (estimate_tokens(json.dumps(tools)) if tools else 0)
-            est_out = self.output_estimate_tokens
-            reservation = await ledger.admit(
-                cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),
-                wait_s=self.settings.timeout_s,
-            )
         prompt_version = prompt.label
         cache_key: str | None = None
+        cached: dict[str, Any] | None = None
         if cache and self.cache is not None and self.recorded is None:
             # LiteLLM's key (model, messages, tools, response format), namespaced by the tenant and
             # the prompt version: the same messages under another prompt version are another entry,
@@ -222,15 +212,29 @@ class LLMGateway:
                 **{k: v for k, v in kwargs.items() if k not in ("metadata", "timeout")},
                 cache={"namespace": f"{self.cache.namespace}:{cause.tenant}:{prompt_version}"},
             )
+            cached = await self._cached(cache_key)
+        reservation, ledger = None, self.budget
+        if ledger is not None:
+            if cached is not None:
+                # Nothing to pay: a hit reserves nothing, but a stopped goal or a passed deadline
+                # still refuses it.
+                est_in = est_out = 0
+            else:
+                # The caller's estimate of the messages when it has one (an agent step has just
+                # counted them), rather than encoding them all again on every call.
+                est_in = context_tokens if context_tokens is not None else estimate_tokens(json.dumps(messages, default=str))
+                est_in += estimate_tokens(json.dumps(tools)) if tools else 0
+                est_out = self.output_estimate_tokens
+            reservation = await ledger.admit(
+                cause.tenant, cause.goal_id, est_in + est_out, self._price(model, est_in, est_out),
+                wait_s=self.settings.timeout_s,
+            )
         with self.tracing.chat(
             model, provider_name(model), agent=agent, purpose=purpose, prompt_version=prompt_version, messages=messages
         ) as span:
             started = time.perf_counter()
             past: LLMCallRecorded | None = None
-            cached: dict[str, Any] | None = None
             try:
-                if cache_key is not None:
-                    cached = await self._cached(cache_key)
                 if cached is not None:
                     response = _response_of(
                         model, cached["response"], int(cached["input_tokens"]), int(cached["output_tokens"])

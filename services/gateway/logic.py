@@ -279,13 +279,13 @@ def status_view(
         state = "failed"
     else:
         state = "submitted"
-    goal = stored.goal if stored is not None else {}
+    goal = stored.goal if stored is not None else submission
     view = GoalStatus(
         goal_id=goal_id, tenant=tenant, state=state,
-        text=goal.get("text") or (submission.text if submission else None),
-        goal_type=goal.get("goal_type") or (submission.goal_type if submission else None),
+        text=goal.text if goal is not None else None,
+        goal_type=goal.goal_type if goal is not None else None,
         tasks=[
-            TaskStatus(id=pid, task_id=t.task_id, kind=t.planned.get("kind"), status=t.status)
+            TaskStatus(id=pid, task_id=t.task_id, kind=t.planned.kind, status=t.status)
             for pid, t in (stored.tasks.items() if stored else [])
         ],
         spent=budget.spent if budget else {},

@@ -148,17 +148,17 @@ def status(goal_id: GoalIdArgument, tenant: TenantOption = None,
             return 2
         view = GoalStateView.model_validate_json(raw)
         tasks = [
-            {"id": pid, "task_id": t.task_id, "kind": t.planned.get("kind"), "status": t.status}
+            {"id": pid, "task_id": t.task_id, "kind": t.planned.kind, "status": t.status}
             for pid, t in view.tasks.items()
         ]
         spent = budget.spent if budget else {}
         if json_output:
             echo_json({
-                "goal_id": goal_id, "tenant": owner, "state": view.status, "text": view.goal.get("text"),
+                "goal_id": goal_id, "tenant": owner, "state": view.status, "text": view.goal.text,
                 "tasks": tasks, "spent": spent, "in_flight": budget.in_flight if budget else 0,
             })
             return 0
-        console.print(f"goal {escape(goal_id)} is [bold]{view.status}[/]: {escape(str(view.goal.get('text', '')))}")
+        console.print(f"goal {escape(goal_id)} is [bold]{view.status}[/]: {escape(view.goal.text)}")
         if tasks:
             table = Table(title_justify="left")
             for column in ("task", "agent", "status"):

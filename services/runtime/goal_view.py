@@ -5,11 +5,10 @@ imports the orchestrator."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict
 
-from schemas.events import GoalStateName
+from schemas.events import GoalStateName, GoalSubmitted
+from schemas.plan import PlannedTask
 
 
 class TaskStateView(BaseModel):
@@ -17,14 +16,12 @@ class TaskStateView(BaseModel):
 
     task_id: str
     status: str
-    planned: dict[str, Any]
-    """The planned task: `id`, `kind`, `instruction`, `depends_on`."""
+    planned: PlannedTask
 
 
 class GoalStateView(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     status: GoalStateName
-    goal: dict[str, Any]
-    """The GoalSubmitted event, as JSON."""
+    goal: GoalSubmitted
     tasks: dict[str, TaskStateView] = {}

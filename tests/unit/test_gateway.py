@@ -256,7 +256,7 @@ async def test_status_shows_the_orchestrators_state_and_the_recorded_answer(
     deps = _deps(redis, keys, topics, Recorder())
     stored = {
         "status": "completed", "goal": GOAL.model_dump(mode="json"),
-        "tasks": {"t1": {"task_id": "g-1.t1", "status": "completed", "planned": {"kind": "researcher"}}},
+        "tasks": {"t1": {"task_id": "g-1.t1", "status": "completed", "planned": {"id": "t1", "kind": "researcher", "instruction": "What is 12*7", "depends_on": []}}},
     }
     await redis.set(keys.goal_state("acme", "g-1"), json.dumps(stored))
     answered = GoalCompleted(**GOAL.caused(), answer="84", path="human", answered_by="ops@gateway")

@@ -265,13 +265,21 @@ class SemanticMemory:
             yield
 
     async def remember(self, records: list[MemoryRecord]) -> list[WriteResult]:
-        return [await self.write(r) for r in records]
+        """Each record written, curated; their distinct texts embedded in one batch (a seed file
+        holds the same lines for every tenant)."""
+        texts = list(dict.fromkeys(r.text for r in records))
+        vectors = dict(zip(texts, await self.embedder.embed(texts), strict=True)) if texts else {}
+        return [await self.write(r, vector=vectors[r.text]) for r in records]
 
-    async def write(self, record: MemoryRecord, served: frozenset[str] = frozenset()) -> WriteResult:
+    async def write(
+        self, record: MemoryRecord, served: frozenset[str] = frozenset(), vector: list[float] | None = None,
+    ) -> WriteResult:
         """Store `record`, curated (see the module docstring). `served`: ids of the memories the
-        writing task was shown; a write that repeats one of them is an echo and is not stored."""
+        writing task was shown; a write that repeats one of them is an echo and is not stored.
+        `vector`: the record's embedding, when the caller has it already."""
         record = replace(record, valid_from=record.valid_from or time.time())
-        [vector] = await self.embedder.embed([record.text])
+        if vector is None:
+            [vector] = await self.embedder.embed([record.text])
         async with self._writing(record.tenant):
             near = await self._neighbours(record.tenant, vector)
             echo = next((p for p in near if p.id in served and p.similarity >= self.curation.echo), None)

@@ -66,7 +66,6 @@ async def open_service(runtime: Runtime, **_: Any) -> ServiceApp:
         redis=runtime.redis,
         keys=runtime.keys,
         audit_topic=runtime.topics.audit,
-        min_score=settings.min_score,
         catalogue=runtime.catalogue,
         goal_types=runtime.goal_types,
         task_ttl_s=settings.task_ttl_s,

@@ -56,8 +56,6 @@ class MemoryDeps:
     keys: RedisKeys
     audit_topic: str
     """Where each memory tool execution is recorded (AuditRecorded, keyed by goal)."""
-    min_score: float | None = None
-    """Relevance threshold; None: the embedder's default (memory.semantic.Curation)."""
     catalogue: AgentCatalogue | None = None
     """The agent kinds, to check again that the requesting kind may call the tool."""
     goal_types: GoalTypes = field(default_factory=lambda: GoalTypes({}))
@@ -79,7 +77,7 @@ async def recall(deps: MemoryDeps, request: MemoryRecallRequested) -> list[Outgo
     if recorded is not None:
         return [Outgoing(request.reply_to, recorded, request.task_id or request.goal_id)]
     found = await deps.semantic.recall(
-        request.tenant, request.query, request.k, kinds=("fact", "outcome", "lesson"), min_score=deps.min_score
+        request.tenant, request.query, request.k, kinds=("fact", "outcome", "lesson")
     )
     await _note_served(deps, request, found)
     hits = [
@@ -111,7 +109,7 @@ async def search_knowledge(deps: MemoryDeps, request: ToolCallRequested) -> list
     args = _admitted(deps, request, "kb_search", KnowledgeSearchArgs)
     found = await _timed(
         deps, "kb_search",
-        deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",), min_score=deps.min_score),
+        deps.semantic.recall(request.tenant, args.query, args.k, kinds=("fact",)),
     )
     await _note_served(deps, request, found)
     output = "\n".join(r.text for r in found) if found else "no matching facts"

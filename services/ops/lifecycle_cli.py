@@ -22,6 +22,7 @@ from schemas.events import (
     GoalStateChanged,
     LifecycleRequest,
 )
+from schemas.topics import Topics
 from services.ops.terminal import TenantOption, console, echo_json, err, reader_settings, run_async, setup_logging
 from services.runtime.budget import BudgetLedger
 from services.runtime.goal_view import GoalStateView
@@ -41,20 +42,22 @@ def _actor(by: str | None) -> str:
 
 async def _request(action: LifecycleRequest, goal_id: str, tenant: str | None, by: str | None, reason: str,
                    wait: bool, timeout: float) -> int:
-    settings, _ = reader_settings()
+    settings, topics = reader_settings()
     request = GoalLifecycleRequested(
         tenant=tenant or settings.platform.tenant, goal_id=goal_id, action=action, requested_by=_actor(by),
         reason=reason,
     )
-    return await _ask(request, action, wait, timeout)
+    return await _ask(settings, topics, request, action, wait, timeout)
 
 
-async def _ask(request: GoalLifecycleRequested | GoalAnswered, action: str, wait: bool, timeout: float) -> int:
+async def _ask(
+    settings: Settings, topics: Topics, request: GoalLifecycleRequested | GoalAnswered, action: str, wait: bool,
+    timeout: float,
+) -> int:
     """Send the request; with `wait`, print the orchestrator's answer to it (exit 0, or 1 rejected)."""
     from services.ops.kafka_client import goal_events, goal_follower, publish
     from services.runtime.kafka_bus import ensure_topics
 
-    settings, topics = reader_settings()
     goal_id = request.goal_id
     signer = Signer.from_setting(settings.platform.signing_key)
     if not wait:
@@ -117,11 +120,11 @@ def answer(
     Exits 1 when the goal is not waiting for a person, 2 when no answer comes."""
     if not text.strip() or len(text) > MAX_TEXT:
         raise typer.BadParameter(f"the answer must be 1 to {MAX_TEXT} characters", param_hint="ANSWER")
-    settings, _ = reader_settings()
+    settings, topics = reader_settings()
     request = GoalAnswered(
         tenant=tenant or settings.platform.tenant, goal_id=goal_id, answer=text, answered_by=_actor(by),
     )
-    raise typer.Exit(run_async(_ask(request, "answer", wait, timeout)))
+    raise typer.Exit(run_async(_ask(settings, topics, request, "answer", wait, timeout)))
 
 
 def status(goal_id: GoalIdArgument, tenant: TenantOption = None,

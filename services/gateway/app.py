@@ -20,6 +20,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from memory.keys import RedisKeys
 from schemas.events import LifecycleRequest as LifecycleVerb
@@ -286,8 +287,13 @@ async def events(
     resume = stream.resume_from(await stream.read_through(deps.redis, key, last) if last else [], last)
     if resume.ended:
         return Response(status_code=204)
-    deps.slots.check()
-    return EventSourceResponse(_frames(deps, key, resume), ping=deps.settings.ping_s)
+    # The slot is taken here, so a burst of requests cannot all pass a check before any takes one;
+    # it is given back when the stream ends, or, if the stream never started (the client left
+    # first), when the response is done.
+    give_back = deps.slots.take()
+    return EventSourceResponse(
+        _frames(deps, key, resume, give_back), ping=deps.settings.ping_s, background=BackgroundTask(give_back),
+    )
 
 
 def _lifecycle_route(verb: LifecycleVerb, description: str) -> None:
@@ -351,10 +357,11 @@ def _answered(result: RequestAccepted | StateChanged | RequestRejected) -> Any:
     return result
 
 
-async def _frames(deps: logic.GatewayDeps, key: str, resume: stream.Resume) -> AsyncIterator[ServerSentEvent]:
+async def _frames(
+    deps: logic.GatewayDeps, key: str, resume: stream.Resume, give_back: Callable[[], None],
+) -> AsyncIterator[ServerSentEvent]:
     """The SSE body: new events of the goal, until its last one. It holds a stream slot while it
     runs, given back however it ends (the goal ended, the client left, the server stops)."""
-    deps.slots.admit()
     try:
         async for batch in stream.follow(deps.streams, key, resume.cursor, deps.settings.stream_block_ms):
             for frame in stream.frames(batch, resume.seen):
@@ -363,7 +370,7 @@ async def _frames(deps: logic.GatewayDeps, key: str, resume: stream.Resume) -> A
                 if frame.ends:
                     return
     finally:
-        deps.slots.give_back()
+        give_back()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -93,24 +93,23 @@ class StreamSlots:
     metrics: Metrics | None = None
     """Where the number open is shown (switchboard_gateway_streams)."""
 
-    def check(self) -> None:
-        """Raises Busy when every slot is taken."""
+    def take(self) -> Callable[[], None]:
+        """Take a slot, or raise Busy when every one is taken. Returns what gives it back: call it
+        as often as you like (every path a stream can end by does); the slot is given back once."""
         if self.open >= self.limit:
             raise Busy(f"this gateway replica already serves {self.limit} event streams; try again shortly")
-
-    def take(self) -> None:
-        self.check()
-        self.admit()
-
-    def admit(self) -> None:
-        """Take a slot without checking: for a stream whose request was checked before its
-        response started (a response may never start, so it takes its slot only once it does)."""
         self.open += 1
         self._show()
+        given_back = False
 
-    def give_back(self) -> None:
-        self.open -= 1
-        self._show()
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self.open -= 1
+                self._show()
+
+        return give_back
 
     def _show(self) -> None:
         if self.metrics is not None:
@@ -348,7 +347,7 @@ async def _ask(
         await publish(deps, deps.topics.goals, request.goal_id, request)
         return accepted
     key = deps.keys.goal_stream(request.tenant, request.goal_id)
-    deps.slots.take()
+    give_back = deps.slots.take()
     try:
         cursor = await stream.last_entry_id(deps.redis, key)  # before publishing: the answer comes after it
         await publish(deps, deps.topics.goals, request.goal_id, request)
@@ -363,7 +362,7 @@ async def _ask(
         except TimeoutError:
             pass
     finally:
-        deps.slots.give_back()
+        give_back()
     accepted.detail = f"no answer from the orchestrator within {timeout:g}s; the request stands"
     return accepted
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 class RedisKeys:
     namespace: str
 
+    @property
+    def pattern(self) -> str:
+        """Every key of the namespace, as a SCAN pattern."""
+        return f"sb:{self.namespace}:*"
+
     def _tenant(self, tenant: str) -> str:
         return f"sb:{self.namespace}:t:{tenant}"
 

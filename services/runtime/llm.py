@@ -88,12 +88,17 @@ class RecordedResponses(Protocol):
         ...
 
 
+def cache_namespace(namespace: str) -> str:
+    """The prefix of a deployment namespace's response cache keys in Redis."""
+    return f"{namespace}:llm-cache"
+
+
 def response_cache(redis_url: str | None, namespace: str, ttl_s: int = 86_400) -> Cache:
     """LiteLLM's response cache: on Redis at `redis_url`, its keys under
-    `<namespace>:llm-cache:<prompt version>:`; None (the embedded mode) keeps it in this process's
+    `<namespace>:llm-cache:<tenant>:<prompt version>:`; None (the embedded mode) keeps it in this process's
     memory, gone when the process ends. Entries expire after `ttl_s`. `max_messages=None`: LiteLLM
     would otherwise skip every request of more than 4 messages, i.e. most agent steps."""
-    common: dict[str, Any] = {"namespace": f"{namespace}:llm-cache", "ttl": ttl_s, "max_messages": None}
+    common: dict[str, Any] = {"namespace": cache_namespace(namespace), "ttl": ttl_s, "max_messages": None}
     if redis_url:
         return Cache(type=LiteLLMCacheType.REDIS, url=redis_url, **common)
     return Cache(type=LiteLLMCacheType.LOCAL, **common)

@@ -29,6 +29,7 @@ from services.runtime.catalogue import PACKAGED_KINDS
 from services.runtime.settings import KafkaSettings, LLMSettings, RedisSettings
 from tests.support.deployment import Deployment, make_deployment
 from tests.support.kafka import RawProducer, Seen, TopicWatch, drop_namespace_topics
+from tests.support.redis import drop_namespace_keys
 
 GOALS = (
     "What is 12*7 and what is 3+4?",
@@ -118,10 +119,7 @@ async def clean_up(d: Deployment, redis_url: str) -> None:
     await drop_namespace_topics(d.kafka, d.namespace)
     redis = Redis.from_url(redis_url)
     try:
-        for pattern in (f"sb:{d.namespace}:*", f"{d.namespace}:llm-cache:*"):
-            stale = [key async for key in redis.scan_iter(match=pattern, count=1000)]
-            if stale:
-                await redis.delete(*stale)
+        await drop_namespace_keys(redis, d.namespace)
     finally:
         await redis.aclose()
 

@@ -42,6 +42,8 @@ from services.runtime.offline_model import estimate_tokens
 from services.runtime.prompts import PromptLibrary
 from services.runtime.settings import RedisSettings
 from tests.bench.memory_gen import TENANTS, Corpus, Probe, filler, generate
+from tests.bench.stats import percentile
+from tests.support.redis import drop_namespace_keys
 
 SEED = int(os.environ.get("BENCH_SEED", "7"))
 MEMORIES = int(os.environ.get("BENCH_MEMORIES", "10000"))
@@ -49,11 +51,6 @@ QUERIES = int(os.environ.get("BENCH_QUERIES", "100"))
 """Timed recalls at BENCH_MEMORIES (and as many baseline round trips)."""
 K = 10
 console = Console(width=160)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
@@ -254,9 +251,7 @@ async def bench(embedder: Embedder, corpus: Corpus, redis: Redis, data: Path) ->
         await fill_and_time(deps, corpus, run, redis)
     finally:
         await client.close()
-        stale = [key async for key in redis.scan_iter(match=f"sb:{namespace}:*", count=1000)]
-        if stale:
-            await redis.delete(*stale)
+        await drop_namespace_keys(redis, namespace)
     run.seconds = time.perf_counter() - started
     return run
 

@@ -25,6 +25,7 @@ from services.runtime.host import ServiceSpec, Settings, kafka_app
 from services.runtime.kafka_bus import ensure_topics
 from services.runtime.settings import KafkaSettings, LLMSettings, PlatformSettings, QdrantSettings, RedisSettings
 from tests.bench import cache
+from tests.bench.stats import percentile
 from tests.bench.throughput import STANDARD_GOAL, measure
 from tests.support.kafka import RawProducer, TopicWatch, drop_namespace_topics, unique
 
@@ -34,11 +35,6 @@ CACHE = os.environ.get("BENCH_CACHE", "1") != "0"  # BENCH_CACHE=0 skips the res
 ONLY = {tuple(p.split("/")) for p in os.environ.get("BENCH_ONLY", "").split(",") if p}
 ONLY = {(lat, int(inf)) for lat, inf in ONLY}
 console = Console(width=140)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def timed_hops(send: Callable[[int], Awaitable[None]], received: asyncio.Queue[int], n: int) -> list[float]:

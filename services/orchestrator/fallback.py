@@ -9,12 +9,13 @@ No model is called on these paths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from schemas.envelope import Envelope
 from schemas.events import (
+    AnswerPath,
     GoalAnswered,
     GoalCompleted,
     GoalEscalated,
@@ -164,12 +165,17 @@ def answer_of(run: FallbackRun) -> str:
     return run.outputs[-1] if run.outputs else ""
 
 
-def completed(deps: OrchestratorDeps, state: GoalState, cause: Envelope, answer: str, **path: Any) -> Outgoing:
+def completed(
+    deps: OrchestratorDeps, state: GoalState, cause: Envelope, answer: str, path: AnswerPath,
+    answered_by: str | None = None,
+) -> Outgoing:
+    """The goal's answer by its fallback or a person (the agents' answer is logic.finish's)."""
     state.status = transition(state.goal.goal_id, state.status, "completed")
     origin = cause.model_copy(update={"task_id": None})
-    fallback = state.fallback.name if state.fallback is not None and path.get("path") == "fallback" else None
     done = GoalCompleted(
-        **origin.caused(), answer=answer, task_results=completed_results(state), fallback=fallback, **path,
+        **origin.caused(), answer=answer, task_results=completed_results(state), path=path,
+        fallback=state.fallback.name if path == "fallback" and state.fallback is not None else None,
+        answered_by=answered_by,
     )
     return Outgoing(deps.topics.progress, done, state.goal.goal_id)
 
